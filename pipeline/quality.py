@@ -1,0 +1,39 @@
+"""Quality measures shared by the stages and the tests: task exact match with greedy decoding, perplexity."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .data import chat_prompt
+
+
+@torch.no_grad()
+def generate_answers(model, tokenizer, chats: list[list[dict]], max_new_tokens: int = 32,
+                     batch_size: int = 16) -> list[str]:
+    """Greedy answers to each chat's prompt (every message but the last)."""
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    answers = []
+    try:
+        for i in range(0, len(chats), batch_size):
+            prompts = [chat_prompt(tokenizer, chat) for chat in chats[i:i + batch_size]]
+            batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+            out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id)
+            answers += tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    finally:
+        tokenizer.padding_side = side
+    return [a.strip() for a in answers]
+
+
+def exact_match(model, tokenizer, chats: list[list[dict]], **kwargs) -> float:
+    answers = generate_answers(model, tokenizer, chats, **kwargs)
+    return sum(a == chat[-1]["content"].strip() for a, chat in zip(answers, chats)) / max(len(chats), 1)
+
+
+@torch.no_grad()
+def perplexity(model, windows: list[list[int]]) -> float:
+    """exp of the mean next-token loss over fixed windows of token ids."""
+    losses = [model(input_ids=torch.tensor([w], device=model.device), labels=torch.tensor([w], device=model.device))
+              .loss.float().item() for w in windows]
+    return math.exp(sum(losses) / len(losses))

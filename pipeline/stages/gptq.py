@@ -1,0 +1,108 @@
+"""gptq: re-quantize the merged 16-bit checkpoint with GPTQModel and save a standard GPTQ checkpoint.
+
+The stage directory is the checkpoint (config.json with quant_method gptq, safetensors with qweight/qzeros/
+scales/g_idx, tokenizer): `AutoModelForCausalLM.from_pretrained(<exp>/gptq)` loads it, and so does vLLM when
+the manifest's `vllm_compatible` is true.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from ..config import Config
+from ..data import calibration_windows, read_jsonl
+from ..models import device, load_tokenizer
+
+# GPTQModel sizes its CPU worker pool at import and crashes on 2-core machines unless told to use 2 or more.
+os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, os.cpu_count() or 2)))
+
+log = logging.getLogger(__name__)
+
+AUTO_GROUP_SIZES = (128, 64, 32)
+
+
+def linear_in_features(model_dir: Path, trust_remote_code: bool) -> set[int]:
+    """Input sizes of the layers GPTQ quantizes (every Linear but the LM head), read on the meta device."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    head = model.get_output_embeddings()
+    return {m.in_features for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head}
+
+
+def choose_group_size(requested: int | None, in_features: set[int]) -> int:
+    if requested is not None:
+        return requested
+    for size in AUTO_GROUP_SIZES:
+        if all(f % size == 0 for f in in_features):
+            return size
+    return -1
+
+
+def vllm_problems(desc_act: bool, group_size: int, in_features: set[int]) -> list[str]:
+    problems = []
+    if desc_act:
+        problems.append("desc_act=true (dynamic act-order): vLLM refuses such checkpoints")
+    if group_size > 0 and any(f % group_size for f in in_features):
+        problems.append(f"group_size={group_size} does not divide every layer input size {sorted(in_features)}: "
+                        "vLLM's loader fails on it")
+    return problems
+
+
+def backend_for(group_size: int, in_features: set[int]):
+    """AUTO picks the fastest kernel for the device; on CPU that kernel (int4pack ATen) needs a dividing group
+    size, so fall back to the portable torch kernel otherwise."""
+    from gptqmodel.utils.backend import BACKEND
+
+    dividing = group_size == -1 or all(f % group_size == 0 for f in in_features)
+    return BACKEND.AUTO if torch.cuda.is_available() or dividing else BACKEND.GPTQ_TORCH
+
+
+def kernel_name(checkpoint: Path, backend) -> str:
+    """The kernel class GPTQModel selects when it loads the checkpoint on this device."""
+    from gptqmodel import GPTQModel
+
+    model = GPTQModel.load(str(checkpoint), device=device(), backend=backend)
+    kernels = {type(m).__name__ for m in model.model.modules() if hasattr(m, "qweight")}
+    del model
+    return ", ".join(sorted(kernels))
+
+
+def run(cfg: Config, work: Path, inputs: dict[str, Path]) -> dict:
+    from gptqmodel import GPTQModel
+    from gptqmodel.quantization.config import GPTQConfig
+    from transformers import set_seed
+
+    g, merged = cfg.gptq, inputs["merge"]
+    tokenizer = load_tokenizer(merged)
+    in_features = linear_in_features(merged, cfg.model.trust_remote_code)
+    group_size = choose_group_size(g.group_size, in_features)
+    problems = vllm_problems(g.desc_act, group_size, in_features)
+    for problem in problems:
+        log.warning("gptq: the checkpoint will not serve in vLLM: %s", problem)
+
+    chats = [row["messages"] for row in read_jsonl(inputs["train"] / "data" / "train.jsonl")]
+    windows = calibration_windows(tokenizer, g.calib_source, chats, g.calib_samples, g.calib_seq_len, cfg.seed)
+    calibration = [{"input_ids": w, "attention_mask": [1] * len(w)} for w in windows]
+
+    quant_config = GPTQConfig(bits=g.bits, group_size=group_size, desc_act=g.desc_act, sym=g.sym,
+                              damp_percent=g.damp_percent, offload_to_disk_path=str(work / "offload"))
+    set_seed(cfg.seed)
+    model = GPTQModel.load(str(merged), quant_config, device=device(),
+                           trust_remote_code=cfg.model.trust_remote_code)
+    model.quantize(calibration, batch_size=g.batch_size)
+    model.save(str(work))
+    tokenizer.save_pretrained(work)
+    del model
+    shutil.rmtree(work / "offload", ignore_errors=True)
+
+    backend = backend_for(group_size, in_features)
+    return {"group_size": group_size, "calibration_windows": len(windows), "layer_in_features": sorted(in_features),
+            "vllm_compatible": not problems, "vllm_problems": problems, "backend": backend.value,
+            "kernel": kernel_name(work, backend)}

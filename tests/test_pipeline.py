@@ -1,0 +1,111 @@
+"""The whole chain on a tiny model, then the make-like caching: skip, invalidate downstream only, force, corrupt."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from pipeline.artifacts import read_manifest
+from pipeline.runner import run
+
+from .conftest import TINY, compose_config
+
+BUILT = ("base", "train", "merge", "gptq")
+
+
+@pytest.fixture(scope="module")
+def finished(tiny_model_dir, tmp_path_factory):
+    """One uninterrupted stage=all run; tests that change it work on a copy."""
+    out = tmp_path_factory.mktemp("chain") / "outputs"
+    overrides = [f"model.name_or_path={tiny_model_dir}", *TINY]
+    results = run(compose_config(f"output_dir={out}", *overrides))
+    return out, overrides, results
+
+
+@pytest.fixture
+def copy_of(finished, tmp_path):
+    """A private copy of the finished outputs, and a function that reruns the pipeline on it with overrides."""
+    out, overrides, _ = finished
+    mine = tmp_path / "outputs"
+    shutil.copytree(out, mine)
+
+    def rerun(*more: str):
+        return run(compose_config(f"output_dir={mine}", *overrides, *more))
+    return mine / "default", rerun
+
+
+def statuses(results):
+    return {stage: "cached" if r["status"] == "cached" else "ran" for stage, r in results.items()}
+
+
+def test_full_chain_writes_every_artifact(finished):
+    out, _, results = finished
+    exp = out / "default"
+    assert statuses(results) == {stage: "ran" for stage in BUILT}
+    manifests = {stage: read_manifest(exp / stage) for stage in BUILT}
+    for stage, manifest in manifests.items():
+        assert manifest["stage"] == stage and manifest["seconds"] > 0
+        assert all((exp / stage / name).stat().st_size == size for name, size in manifest["files"].items())
+    assert not list(exp.glob(".*.partial")), "no working directory is left behind"
+
+    base = manifests["base"]["metrics"]
+    assert base["nf4_memory_bytes"] < base["sixteen_bit_memory_bytes"]
+    train = manifests["train"]["metrics"]
+    assert train["steps"] == 12 and train["final_loss"] < train["first_loss"] - 0.4
+    assert (exp / "train" / "adapter" / "adapter_model.safetensors").is_file()
+    assert len((exp / "train" / "data" / "heldout.jsonl").read_text().splitlines()) == 16
+    assert manifests["merge"]["metrics"]["probe"]["argmax_agreement"] >= 0.97
+
+    gptq = json.loads((exp / "gptq" / "config.json").read_text())["quantization_config"]
+    assert gptq["quant_method"] == "gptq" and gptq["bits"] == 4 and gptq["desc_act"] is False
+    assert gptq["group_size"] == 128  # the largest auto size dividing the tiny model's 128 and 256 inputs
+    assert manifests["gptq"]["metrics"]["vllm_compatible"] is True
+    assert manifests["gptq"]["upstream"]["merge"] == manifests["merge"]["fingerprint"]
+
+
+def test_second_run_skips_every_stage(copy_of):
+    exp, rerun = copy_of
+    before = {stage: (exp / stage / "manifest.json").stat().st_mtime_ns for stage in BUILT}
+    assert statuses(rerun()) == {stage: "cached" for stage in BUILT}
+    assert before == {stage: (exp / stage / "manifest.json").stat().st_mtime_ns for stage in BUILT}
+
+
+def test_gptq_change_reruns_only_gptq(copy_of):
+    exp, rerun = copy_of
+    merge_fingerprint = read_manifest(exp / "merge")["fingerprint"]
+    assert statuses(rerun("gptq.bits=8")) == {"base": "cached", "train": "cached", "merge": "cached", "gptq": "ran"}
+    assert json.loads((exp / "gptq" / "config.json").read_text())["quantization_config"]["bits"] == 8
+    assert read_manifest(exp / "merge")["fingerprint"] == merge_fingerprint
+
+
+def test_train_change_reruns_train_and_what_follows(copy_of):
+    exp, rerun = copy_of
+    assert statuses(rerun("train.lora_r=4")) == {"base": "cached", "train": "ran", "merge": "ran", "gptq": "ran"}
+    assert read_manifest(exp / "train")["config"]["train"]["lora_r"] == 4
+
+
+def test_force_reruns_the_named_stage_only(copy_of):
+    exp, rerun = copy_of
+    assert statuses(rerun("stage=merge", "force=true")) == {"base": "cached", "train": "cached", "merge": "ran"}
+
+
+def test_stage_alone_uses_cached_upstream(copy_of):
+    exp, rerun = copy_of
+    shutil.rmtree(exp / "gptq")
+    assert statuses(rerun("stage=gptq")) == {"base": "cached", "train": "cached", "merge": "cached", "gptq": "ran"}
+
+
+@pytest.mark.parametrize("damage", ["truncate", "delete", "manifest"])
+def test_damaged_artifact_is_rebuilt_not_loaded(copy_of, damage):
+    exp, rerun = copy_of
+    weights = exp / "merge" / "model.safetensors"
+    if damage == "truncate":
+        weights.write_bytes(weights.read_bytes()[:1000])
+    elif damage == "delete":
+        weights.unlink()
+    else:
+        (exp / "merge" / "manifest.json").write_text("{not json")
+    # merge is rebuilt; gptq's inputs have the same fingerprint, so it stays (like make with identical content)
+    assert statuses(rerun())["merge"] == "ran"
+    assert read_manifest(exp / "merge")["files"]["model.safetensors"] == weights.stat().st_size > 1000
