@@ -86,6 +86,43 @@ class GPTQConfig:
     batch_size: int = 1
 
 
+ARTIFACTS = ("base16", "nf4", "qlora", "merged", "gptq", "rtn")
+
+
+@dataclass
+class EvalConfig:
+    # base16: the base model in 16 bits; nf4: the NF4 base; qlora: NF4 base + adapter; merged; gptq;
+    # rtn: round-to-nearest quantization of the merged model at the GPTQ bits and group size (a reference).
+    artifacts: list = field(default_factory=lambda: list(ARTIFACTS))
+    # pydoc (held-out Python docs, never used for calibration), heldout (the fine-tuning held-out chats),
+    # or a local .txt/.jsonl/.parquet file or HF dataset id with a `text` column.
+    ppl_source: str = "pydoc"
+    ppl_windows: int = 16
+    ppl_seq_len: int = 512
+    task_examples: int = 50  # held-out rows scored by exact match with greedy decoding
+    max_new_tokens: int = 24
+    batch_size: int = 16
+    histogram_layer: str = "model.layers.0.mlp.down_proj"
+
+
+@dataclass
+class BenchMatrix:
+    new_tokens: list = field(default_factory=lambda: [30, 512])
+    batch_sizes: list = field(default_factory=lambda: [1, 4, 16])
+    use_cache: list = field(default_factory=lambda: [True, False])
+
+
+@dataclass
+class BenchConfig:
+    artifacts: list = field(default_factory=lambda: ["base16", "nf4", "qlora", "merged", "gptq"])
+    prompt_len: int = 30
+    warmup: int = 1
+    repeats: int = 3
+    matrix: str = "auto"  # auto: `full` on a GPU, `cpu` on CPU
+    full: BenchMatrix = field(default_factory=BenchMatrix)
+    cpu: BenchMatrix = field(default_factory=lambda: BenchMatrix([30], [1, 4], [True]))
+
+
 @dataclass
 class Config:
     stage: str = "all"
@@ -99,6 +136,8 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     merge: MergeConfig = field(default_factory=MergeConfig)
     gptq: GPTQConfig = field(default_factory=GPTQConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
 
 
 ConfigStore.instance().store(name="schema", node=Config)
@@ -144,3 +183,10 @@ def validate(cfg: Any) -> None:
     _check(g.calib_samples > 0, "gptq.calib_samples", "a positive integer", g.calib_samples)
     _check(g.calib_seq_len > 0, "gptq.calib_seq_len", "a positive integer", g.calib_seq_len)
     _check(g.calib_source in ("pydoc", "train", "mixed"), "gptq.calib_source", "pydoc, train or mixed", g.calib_source)
+    for key, names, allowed in (("eval.artifacts", cfg.eval.artifacts, ARTIFACTS),
+                                ("bench.artifacts", cfg.bench.artifacts, ARTIFACTS)):
+        _check(set(names) <= set(allowed), key, f"a list of {', '.join(allowed)}", list(names))
+    _check(cfg.eval.ppl_windows > 0 and cfg.eval.ppl_seq_len > 1, "eval.ppl_windows/ppl_seq_len",
+           "positive integers", (cfg.eval.ppl_windows, cfg.eval.ppl_seq_len))
+    _check(cfg.bench.matrix in ("auto", "full", "cpu"), "bench.matrix", "auto, full or cpu", cfg.bench.matrix)
+    _check(cfg.bench.repeats > 0, "bench.repeats", "a positive integer", cfg.bench.repeats)

@@ -109,3 +109,49 @@ def load_causal_lm(path: str | Path, model: ModelConfig, dtype: str, quantizatio
 
 def dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def artifact_paths(inputs: dict[str, Path]) -> dict[str, Path | str]:
+    """Where each artifact of a run lives (base16 may be a hub id when the base model came from the hub)."""
+    from .artifacts import read_manifest
+
+    source = read_manifest(inputs["base"])["metrics"]["source"]
+    paths: dict[str, Path | str] = {
+        "base16": inputs["base"] / source if (inputs["base"] / source).is_dir() else source,
+        "nf4": inputs["base"] / "nf4", "qlora": inputs["train"] / "adapter", "merged": inputs["merge"],
+        "gptq": inputs["gptq"]}
+    if "rtn" in inputs:
+        paths["rtn"] = inputs["rtn"]
+    return paths
+
+
+def load_artifact(name: str, inputs: dict[str, Path], cfg):
+    """One artifact of a run as a model on this process's device (qlora: the NF4 base with the adapter)."""
+    from transformers import AutoModelForCausalLM
+
+    paths = artifact_paths(inputs)
+    if name == "base16":
+        return load_causal_lm(paths["base16"], cfg.model, cfg.model.dtype)
+    if name in ("nf4", "qlora"):
+        model = load_causal_lm(paths["nf4"], cfg.model, cfg.base.compute_dtype)
+        if name == "nf4":
+            return model
+        from peft import PeftModel
+        return PeftModel.from_pretrained(model, paths["qlora"])
+    if name == "merged":
+        return load_causal_lm(paths["merged"], cfg.model, cfg.merge.dtype)
+    # GPTQ checkpoints (gptq, rtn) carry their quantization config; transformers picks the kernel via GPTQModel.
+    return AutoModelForCausalLM.from_pretrained(str(paths[name]), device_map=device_map())
+
+
+def artifact_disk_bytes(name: str, inputs: dict[str, Path]) -> int | None:
+    paths = artifact_paths(inputs)
+    if name == "qlora":
+        return dir_bytes(paths["nf4"]) + dir_bytes(paths["qlora"])
+    path = paths[name]
+    return dir_bytes(path) if isinstance(path, Path) else None
+
+
+def quantized_kernels(model) -> list[str]:
+    """Class names of the quantized linear layers in a model (the GPTQ kernel in use), if any."""
+    return sorted({type(m).__name__ for m in model.modules() if hasattr(m, "qweight")})

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from . import __version__
+from . import __version__, report
 from .artifacts import StageDir, fingerprint
 from .config import STAGES, Config, validate
 from .models import source_identity
@@ -22,8 +22,7 @@ log = logging.getLogger(__name__)
 UPSTREAM = {"base": [], "train": ["base"], "merge": ["base", "train"], "gptq": ["train", "merge"],
             "eval": ["base", "train", "merge", "gptq"], "bench": ["base", "train", "merge", "gptq"]}
 CONFIG_KEYS = {"base": ["model", "base"], "train": ["data", "train", "seed"], "merge": ["merge"],
-               "gptq": ["gptq", "seed"], "eval": [], "bench": []}
-BUILT = ("base", "train", "merge", "gptq")
+               "gptq": ["gptq", "seed"], "eval": ["eval", "seed"], "bench": ["bench", "seed"]}
 
 
 def config_slice(cfg: Config, stage: str) -> dict:
@@ -67,9 +66,6 @@ def run(cfg: Config) -> dict[str, dict]:
     forced = set(STAGES) if cfg.stage == "all" else {cfg.stage}
     results: dict[str, dict] = {}
     for stage in plan(cfg.stage):
-        if stage not in BUILT:
-            log.warning("%s: this stage is not built yet; nothing to do", stage)
-            continue
         artifact = StageDir(exp, stage, prints[stage])
         if artifact.is_fresh() and not (cfg.force and stage in forced):
             log.info("%s: up to date, skipped (%s)", stage, artifact.path)
@@ -87,4 +83,7 @@ def run(cfg: Config) -> dict[str, dict]:
         results[stage] = {"status": f"ran in {seconds:.1f} s", "path": artifact.path}
     for stage, result in results.items():
         log.info("  %-6s %-16s %s", stage, result["status"], result["path"])
+    if {"eval", "bench"} & set(results):
+        table = report.write(exp)
+        log.info("report: %s\n%s", exp / "report.md", table)
     return results

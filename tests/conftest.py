@@ -18,7 +18,9 @@ CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\
 # Settings small enough for a 2-core CI machine; each test adds its own overrides.
 TINY = ["train.max_steps=12", "train.batch_size=4", "train.save_steps=4", "train.logging_steps=2",
         "train.lr=1e-2", "data.builtin_examples=200", "data.heldout_examples=16", "gptq.calib_samples=8",
-        "gptq.calib_seq_len=64", "merge.probe_examples=4"]
+        "gptq.calib_seq_len=64", "merge.probe_examples=4", "eval.ppl_windows=4", "eval.ppl_seq_len=64",
+        "eval.task_examples=8", "eval.max_new_tokens=8", "bench.cpu.new_tokens=[8]", "bench.cpu.batch_sizes=[1,2]",
+        "bench.warmup=1", "bench.repeats=2"]
 
 
 def compose_config(*overrides: str):

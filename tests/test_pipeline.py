@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from functools import partial
 
 import pytest
 
@@ -11,7 +12,7 @@ from pipeline.runner import run
 
 from .conftest import TINY, compose_config
 
-BUILT = ("base", "train", "merge", "gptq")
+STAGES = ("base", "train", "merge", "gptq", "eval", "bench")
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +43,8 @@ def statuses(results):
 def test_full_chain_writes_every_artifact(finished):
     out, _, results = finished
     exp = out / "default"
-    assert statuses(results) == {stage: "ran" for stage in BUILT}
-    manifests = {stage: read_manifest(exp / stage) for stage in BUILT}
+    assert statuses(results) == {stage: "ran" for stage in STAGES}
+    manifests = {stage: read_manifest(exp / stage) for stage in STAGES}
     for stage, manifest in manifests.items():
         assert manifest["stage"] == stage and manifest["seconds"] > 0
         assert all((exp / stage / name).stat().st_size == size for name, size in manifest["files"].items())
@@ -66,22 +67,24 @@ def test_full_chain_writes_every_artifact(finished):
 
 def test_second_run_skips_every_stage(copy_of):
     exp, rerun = copy_of
-    before = {stage: (exp / stage / "manifest.json").stat().st_mtime_ns for stage in BUILT}
-    assert statuses(rerun()) == {stage: "cached" for stage in BUILT}
-    assert before == {stage: (exp / stage / "manifest.json").stat().st_mtime_ns for stage in BUILT}
+    before = {stage: (exp / stage / "manifest.json").stat().st_mtime_ns for stage in STAGES}
+    assert statuses(rerun()) == {stage: "cached" for stage in STAGES}
+    assert before == {stage: (exp / stage / "manifest.json").stat().st_mtime_ns for stage in STAGES}
 
 
 def test_gptq_change_reruns_only_gptq(copy_of):
     exp, rerun = copy_of
     merge_fingerprint = read_manifest(exp / "merge")["fingerprint"]
-    assert statuses(rerun("gptq.bits=8")) == {"base": "cached", "train": "cached", "merge": "cached", "gptq": "ran"}
+    assert statuses(rerun("gptq.bits=8")) == {"base": "cached", "train": "cached", "merge": "cached", "gptq": "ran",
+                                              "eval": "ran", "bench": "ran"}
     assert json.loads((exp / "gptq" / "config.json").read_text())["quantization_config"]["bits"] == 8
     assert read_manifest(exp / "merge")["fingerprint"] == merge_fingerprint
 
 
 def test_train_change_reruns_train_and_what_follows(copy_of):
     exp, rerun = copy_of
-    assert statuses(rerun("train.lora_r=4")) == {"base": "cached", "train": "ran", "merge": "ran", "gptq": "ran"}
+    assert statuses(rerun("stage=gptq", "train.lora_r=4")) == {"base": "cached", "train": "ran", "merge": "ran",
+                                                               "gptq": "ran"}
     assert read_manifest(exp / "train")["config"]["train"]["lora_r"] == 4
 
 
@@ -99,6 +102,7 @@ def test_stage_alone_uses_cached_upstream(copy_of):
 @pytest.mark.parametrize("damage", ["truncate", "delete", "manifest"])
 def test_damaged_artifact_is_rebuilt_not_loaded(copy_of, damage):
     exp, rerun = copy_of
+    rerun = partial(rerun, "stage=gptq")
     weights = exp / "merge" / "model.safetensors"
     if damage == "truncate":
         weights.write_bytes(weights.read_bytes()[:1000])

@@ -15,7 +15,7 @@ import torch
 
 from ..config import Config
 from ..data import calibration_windows, read_jsonl
-from ..models import device, load_tokenizer
+from ..models import device, load_tokenizer, quantized_kernels
 
 # GPTQModel sizes its CPU worker pool at import and crashes on 2-core machines unless told to use 2 or more.
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, os.cpu_count() or 2)))
@@ -68,39 +68,44 @@ def kernel_name(checkpoint: Path, backend) -> str:
     """The kernel class GPTQModel selects when it loads the checkpoint on this device."""
     from gptqmodel import GPTQModel
 
-    model = GPTQModel.load(str(checkpoint), device=device(), backend=backend)
-    kernels = {type(m).__name__ for m in model.model.modules() if hasattr(m, "qweight")}
-    del model
-    return ", ".join(sorted(kernels))
+    return ", ".join(quantized_kernels(GPTQModel.load(str(checkpoint), device=device(), backend=backend)))
+
+
+def group_size_for(cfg: Config, merged: Path) -> tuple[int, set[int]]:
+    in_features = linear_in_features(merged, cfg.model.trust_remote_code)
+    return choose_group_size(cfg.gptq.group_size, in_features), in_features
+
+
+def quantize(cfg: Config, merged: Path, out: Path, quant_config, calibration: list[dict] | None) -> None:
+    """Quantize the merged checkpoint with GPTQModel (GPTQ with calibration data, RTN without) into `out`.
+    `quant_config` offloads to `out / "offload"` (GPTQModel's default is the system temp dir)."""
+    from gptqmodel import GPTQModel
+    from transformers import set_seed
+
+    set_seed(cfg.seed)
+    model = GPTQModel.load(str(merged), quant_config, device=device(), trust_remote_code=cfg.model.trust_remote_code)
+    model.quantize(calibration, batch_size=cfg.gptq.batch_size)
+    model.save(str(out))
+    load_tokenizer(merged).save_pretrained(out)
+    shutil.rmtree(out / "offload", ignore_errors=True)
 
 
 def run(cfg: Config, work: Path, inputs: dict[str, Path]) -> dict:
-    from gptqmodel import GPTQModel
     from gptqmodel.quantization.config import GPTQConfig
-    from transformers import set_seed
 
     g, merged = cfg.gptq, inputs["merge"]
-    tokenizer = load_tokenizer(merged)
-    in_features = linear_in_features(merged, cfg.model.trust_remote_code)
-    group_size = choose_group_size(g.group_size, in_features)
+    group_size, in_features = group_size_for(cfg, merged)
     problems = vllm_problems(g.desc_act, group_size, in_features)
     for problem in problems:
         log.warning("gptq: the checkpoint will not serve in vLLM: %s", problem)
 
     chats = [row["messages"] for row in read_jsonl(inputs["train"] / "data" / "train.jsonl")]
-    windows = calibration_windows(tokenizer, g.calib_source, chats, g.calib_samples, g.calib_seq_len, cfg.seed)
+    windows = calibration_windows(load_tokenizer(merged), g.calib_source, chats, g.calib_samples, g.calib_seq_len,
+                                  cfg.seed)
     calibration = [{"input_ids": w, "attention_mask": [1] * len(w)} for w in windows]
-
-    quant_config = GPTQConfig(bits=g.bits, group_size=group_size, desc_act=g.desc_act, sym=g.sym,
-                              damp_percent=g.damp_percent, offload_to_disk_path=str(work / "offload"))
-    set_seed(cfg.seed)
-    model = GPTQModel.load(str(merged), quant_config, device=device(),
-                           trust_remote_code=cfg.model.trust_remote_code)
-    model.quantize(calibration, batch_size=g.batch_size)
-    model.save(str(work))
-    tokenizer.save_pretrained(work)
-    del model
-    shutil.rmtree(work / "offload", ignore_errors=True)
+    quantize(cfg, merged, work, GPTQConfig(bits=g.bits, group_size=group_size, desc_act=g.desc_act, sym=g.sym,
+                                           damp_percent=g.damp_percent, offload_to_disk_path=str(work / "offload")),
+             calibration)
 
     backend = backend_for(group_size, in_features)
     return {"group_size": group_size, "calibration_windows": len(windows), "layer_in_features": sorted(in_features),

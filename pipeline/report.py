@@ -1,0 +1,136 @@
+"""The side-by-side report: `${output_dir}/${experiment}/report.md` (one table) and PNG plots next to it."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+REFERENCE = "merged"
+COLUMNS = ("artifact", "size MB", "params MB", "ppl", "task acc", "prefill ms", "decode tok/s", "roofline",
+           "peak mem MB")
+
+
+def _load(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _cell(value, reference, fmt: str, ratio: bool = True) -> str:
+    if value is None:
+        return "-"
+    text = format(value, fmt)
+    if ratio and reference and reference != value:
+        text += f" ({value / reference:.2f}x)"
+    return text
+
+
+def _batch1(bench: dict) -> dict | None:
+    runs = [r for r in bench.get("runs", []) if r["batch"] == 1 and r["use_cache"]]
+    return min(runs, key=lambda r: r["new_tokens"]) if runs else None
+
+
+def rows(evaluation: dict, bench: dict) -> list[dict]:
+    names = list(dict.fromkeys([*evaluation.get("artifacts", {}), *bench.get("artifacts", {})]))
+    table = []
+    for name in names:
+        e = evaluation.get("artifacts", {}).get(name, {})
+        b = bench.get("artifacts", {}).get(name, {})
+        single = _batch1(b)
+        table.append({
+            "artifact": name, "size": e.get("disk_bytes"), "params": e.get("param_bytes"), "ppl": e.get("ppl"),
+            "task": e.get("task_accuracy"),
+            "prefill": single["prefill_ms"]["median"] if single else None,
+            "decode": single["decode_tok_s"]["median"] if single else None,
+            "roofline": b.get("roofline_fraction"),
+            "peak": single["peak_memory_bytes"] if single else None})
+    return table
+
+
+def markdown(table: list[dict]) -> str:
+    ref = next((r for r in table if r["artifact"] == REFERENCE), {})
+    mb = 1e6
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for r in table:
+        def scaled(key):
+            return (r[key] / mb if r[key] else None), (ref.get(key) / mb if ref.get(key) else None)
+        cells = [r["artifact"], _cell(*scaled("size"), ".1f"), _cell(*scaled("params"), ".1f"),
+                 _cell(r["ppl"], ref.get("ppl"), ".2f"), _cell(r["task"], None, ".1%", ratio=False),
+                 _cell(r["prefill"], ref.get("prefill"), ".1f"), _cell(r["decode"], ref.get("decode"), ".1f"),
+                 _cell(r["roofline"], None, ".1%", ratio=False), _cell(*scaled("peak"), ".0f", )]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plots(exp: Path, evaluation: dict, bench: dict) -> list[Path]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+
+    def save(fig, name):
+        fig.tight_layout()
+        fig.savefig(exp / name, dpi=110)
+        plt.close(fig)
+        written.append(exp / name)
+
+    losses = json.loads((exp / "train" / "loss.json").read_text()) if (exp / "train" / "loss.json").is_file() else []
+    if losses:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.plot([e["step"] for e in losses], [e["loss"] for e in losses], marker=".")
+        ax.set(xlabel="step", ylabel="training loss", yscale="log", title="QLoRA training loss")
+        save(fig, "train_loss.png")
+
+    if bench.get("artifacts"):
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+        names = list(bench["artifacts"])
+        batches = sorted({r["batch"] for b in bench["artifacts"].values() for r in b["runs"]})
+        width = 0.8 / len(batches)
+        for i, batch in enumerate(batches):
+            values = [max((r["decode_tok_s"]["median"] for r in bench["artifacts"][n]["runs"]
+                           if r["batch"] == batch and r["use_cache"]), default=0) for n in names]
+            ax.bar([j + i * width for j in range(len(names))], values, width, label=f"batch {batch}")
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(names))], names)
+        ax.set(ylabel="decode tokens/s", title="Generation speed (KV cache on)")
+        ax.legend()
+        save(fig, "decode_speed.png")
+
+    measured = {n: r["ppl"] for n, r in evaluation.get("artifacts", {}).items() if r.get("ppl")}
+    if measured:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.bar(list(measured), list(measured.values()), color="tab:orange")
+        ax.set(ylabel="perplexity (lower is better)", title=f"Held-out perplexity ({evaluation['ppl_source']})")
+        save(fig, "perplexity.png")
+
+    histogram = evaluation.get("weight_histogram")
+    if histogram:
+        lo, hi = histogram["range"]
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+        for name, counts in histogram["counts"].items():
+            step = (hi - lo) / len(counts)
+            ax.step([lo + step * (i + 0.5) for i in range(len(counts))], counts, where="mid", label=name)
+        ax.set(xlabel="weight value", ylabel="count", yscale="log", title=f"Weights of {histogram['layer']}")
+        ax.legend()
+        save(fig, "weight_histogram.png")
+    return written
+
+
+def write(exp: Path) -> str | None:
+    """Write report.md and the plots from whatever eval.json / bench.json exist; returns the table."""
+    evaluation, bench = _load(exp / "eval" / "eval.json"), _load(exp / "bench" / "bench.json")
+    if not evaluation and not bench:
+        return None
+    table = markdown(rows(evaluation, bench))
+    images = plots(exp, evaluation, bench)
+    device = bench.get("device", {})
+    text = [f"# Report: {exp.name}", "", table, "",
+            f"Ratios in parentheses are against the {REFERENCE} 16-bit model. Speed: batch 1, "
+            f"{bench.get('artifacts') and _batch1(next(iter(bench['artifacts'].values())))['new_tokens']} new tokens, "
+            f"KV cache on, median of repeats; roofline = decode tok/s x weight bytes per token / copy bandwidth "
+            f"({bench.get('bandwidth_bytes_s', 0) / 1e9:.1f} GB/s)." if bench else "",
+            f"Device: {device.get('gpu') or device.get('cpu')} ({device.get('threads')} threads"
+            f"{', CUDA ' + device['cuda'] if device.get('cuda') else ''}), torch {device.get('torch')}." if device else "",
+            "", *[f"![{p.stem}]({p.name})" for p in images], ""]
+    (exp / "report.md").write_text("\n".join(text))
+    return table

@@ -1,0 +1,153 @@
+"""bench: generation speed of every artifact, written to `bench.json`.
+
+Protocol after the HF quantization overview: a prompt of `prompt_len` tokens, `new_tokens` generated greedily,
+at several batch sizes, KV cache on and off. Prefill latency (one forward pass over the prompt) and decode
+throughput (the generated tokens after the first, over the time after prefill) are reported separately, as
+medians over `repeats` after `warmup` runs, with their spread. Peak memory is the GPU's max allocated, or on
+CPU the process's peak RSS sampled during generation. Decode at batch 1 is also put against the memory
+bandwidth roofline: tokens/s x bytes of weights read per token / measured copy bandwidth.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import platform
+import statistics
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from ..config import Config
+from ..models import device, load_artifact, quantized_kernels
+
+log = logging.getLogger(__name__)
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timed(fn, warmup: int, repeats: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def memory_bandwidth(megabytes: int = 256, repeats: int = 5) -> float:
+    """Bytes per second of a large tensor copy (read + write) on this device."""
+    src = torch.empty(megabytes * 2**20, dtype=torch.uint8, device=device())
+    dst = torch.empty_like(src)
+    best = min(timed(lambda: dst.copy_(src), 1, repeats))
+    return 2 * src.numel() / best
+
+
+def device_facts() -> dict:
+    facts = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": platform.processor()}
+    try:
+        facts["cpu"] = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if "model name" in line)
+    except (OSError, StopIteration):
+        pass
+    if torch.cuda.is_available():
+        facts.update(gpu=torch.cuda.get_device_name(), cuda=torch.version.cuda)
+    return facts
+
+
+def weight_bytes_per_token(model) -> int:
+    """Bytes of weights a decode step reads: every parameter and buffer, minus the input embedding table when it
+    is not tied to the LM head (a step reads one row of it)."""
+    total = model.get_memory_footprint()
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if head is None or embedding.weight.data_ptr() != head.weight.data_ptr():
+        total -= embedding.weight.numel() * embedding.weight.element_size()
+    return total
+
+
+class PeakMemory:
+    """Peak GPU memory allocated, or peak process RSS (sampled every 5 ms) on CPU, inside a `with` block."""
+
+    def __enter__(self):
+        self.peak, self._stop = 0, threading.Event()
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            import psutil
+            process = psutil.Process(os.getpid())
+
+            def sample():
+                while not self._stop.wait(0.005):
+                    self.peak = max(self.peak, process.memory_info().rss)
+            self._thread = threading.Thread(target=sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if torch.cuda.is_available():
+            self.peak = torch.cuda.max_memory_allocated()
+        else:
+            self._stop.set()
+            self._thread.join()
+
+
+def spread(times: list[float]) -> dict:
+    return {"median": statistics.median(times), "min": min(times), "max": max(times)}
+
+
+@torch.no_grad()
+def measure(model, prompt_len: int, new_tokens: int, batch: int, use_cache: bool, warmup: int, repeats: int,
+            seed: int) -> dict:
+    generator = torch.Generator().manual_seed(seed)
+    vocab = model.config.vocab_size
+    prompt = torch.randint(100, vocab - 1, (batch, prompt_len), generator=generator).to(model.device)
+    mask = torch.ones_like(prompt)
+    prefill = timed(lambda: model(input_ids=prompt, attention_mask=mask, use_cache=use_cache), warmup, repeats)
+
+    def generate():
+        model.generate(input_ids=prompt, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                       do_sample=False, use_cache=use_cache, pad_token_id=model.config.eos_token_id)
+    with PeakMemory() as peak:
+        total = timed(generate, warmup, repeats)
+    prefill_s = statistics.median(prefill)
+    decode_tps = [batch * (new_tokens - 1) / max(t - prefill_s, 1e-9) for t in total]
+    return {"prompt_len": prompt_len, "new_tokens": new_tokens, "batch": batch, "use_cache": use_cache,
+            "prefill_ms": {k: v * 1e3 for k, v in spread(prefill).items()},
+            "decode_tok_s": spread(decode_tps), "peak_memory_bytes": peak.peak}
+
+
+def run(cfg: Config, work: Path, inputs: dict[str, Path]) -> dict:
+    b = cfg.bench
+    matrix = b.full if b.matrix == "full" or (b.matrix == "auto" and torch.cuda.is_available()) else b.cpu
+    bandwidth = memory_bandwidth()
+    log.info("bench: copy bandwidth %.1f GB/s", bandwidth / 1e9)
+    results = {}
+    for name in b.artifacts:
+        model = load_artifact(name, inputs, cfg)
+        model.eval()
+        per_token = weight_bytes_per_token(model)
+        runs = []
+        for new_tokens, batch, use_cache in itertools.product(matrix.new_tokens, matrix.batch_sizes, matrix.use_cache):
+            runs.append(measure(model, b.prompt_len, new_tokens, batch, use_cache, b.warmup, b.repeats, cfg.seed))
+            log.info("bench: %-6s batch %2d, %3d new tokens, cache %-5s: prefill %.1f ms, decode %.1f tok/s", name,
+                     batch, new_tokens, use_cache, runs[-1]["prefill_ms"]["median"],
+                     runs[-1]["decode_tok_s"]["median"])
+        single = [r for r in runs if r["batch"] == 1 and r["use_cache"]]
+        results[name] = {
+            "kernels": quantized_kernels(model), "weight_bytes_per_token": per_token, "runs": runs,
+            "roofline_fraction": (single[0]["decode_tok_s"]["median"] * per_token / bandwidth) if single else None}
+        del model
+    report = {"device": device_facts(), "bandwidth_bytes_s": bandwidth,
+              "matrix": {"new_tokens": list(matrix.new_tokens), "batch_sizes": list(matrix.batch_sizes),
+                         "use_cache": list(matrix.use_cache)}, "artifacts": results}
+    (work / "bench.json").write_text(json.dumps(report, indent=1))
+    return {name: r["roofline_fraction"] for name, r in results.items()}

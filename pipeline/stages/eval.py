@@ -1,0 +1,122 @@
+"""eval: quality of every artifact side by side, written to `eval.json`.
+
+For each artifact (base16, nf4, qlora, merged, gptq, and rtn: round-to-nearest quantization of the merged model
+at the GPTQ bits and group size, made here as a reference point): perplexity on held-out text, exact-match task
+accuracy with greedy decoding on the held-out split, size on disk and parameter memory. Also a histogram of one
+layer's weights in the original, NF4 and GPTQ models.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from ..config import Config, ConfigError
+from ..data import pydoc_texts, read_jsonl, token_windows
+from ..models import artifact_disk_bytes, device, artifact_paths, load_artifact, load_tokenizer, quantized_kernels
+from ..quality import exact_match, perplexity
+from . import gptq
+
+log = logging.getLogger(__name__)
+
+HISTOGRAM_ARTIFACTS = ("base16", "nf4", "gptq")
+HISTOGRAM_BINS = 80
+
+
+def ppl_texts(cfg: Config, tokenizer, train_dir: Path) -> list[str]:
+    source = cfg.eval.ppl_source
+    if source == "pydoc":
+        return pydoc_texts(heldout=True)
+    if source == "heldout":
+        return [tokenizer.apply_chat_template(row["messages"], tokenize=False)
+                for row in read_jsonl(train_dir / "data" / "heldout.jsonl")]
+    import datasets
+
+    suffix = Path(source).suffix
+    if suffix in (".txt", ".jsonl", ".json", ".parquet"):
+        kind = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}[suffix]
+        ds = datasets.load_dataset(kind, data_files=source, split="train")
+    else:
+        ds = datasets.load_dataset(source, split="test")
+    if "text" not in ds.column_names:
+        raise ConfigError(f"eval.ppl_source={source!r}: expected a 'text' column, found {ds.column_names}")
+    return list(ds["text"])
+
+
+def dense_weight(name: str, model, gptq_dir: Path, layer: str) -> torch.Tensor | None:
+    """The layer's weight as a dense float matrix, whatever its storage (16-bit, bitsandbytes NF4, GPTQ)."""
+    if name == "gptq":
+        # transformers' GPTQ layers cast their unpacking tables to the model dtype, which breaks dequantize_weight
+        # on CPU: read the layer through GPTQModel's portable torch kernel instead.
+        from gptqmodel import BACKEND, GPTQModel
+        model = GPTQModel.load(str(gptq_dir), device=device(), backend=BACKEND.GPTQ_TORCH).model
+        module = dict(model.named_modules()).get(layer)
+        return module.dequantize_weight().T.float() if module is not None else None
+    module = dict(model.named_modules()).get(layer)
+    weight = getattr(module, "weight", None)
+    if weight is not None and hasattr(weight, "quant_state"):
+        import bitsandbytes.functional as bnbf
+        return bnbf.dequantize_4bit(weight.data, weight.quant_state).float()
+    return weight.float() if weight is not None else None
+
+
+def quantize_rtn(cfg: Config, merged: Path, out: Path) -> None:
+    from gptqmodel.quantization.config import RTNConfig
+
+    group_size, _ = gptq.group_size_for(cfg, merged)
+    gptq.quantize(cfg, merged, out, RTNConfig(bits=cfg.gptq.bits, group_size=group_size, sym=cfg.gptq.sym,
+                                              offload_to_disk_path=str(out / "offload")), None)
+
+
+def run(cfg: Config, work: Path, inputs: dict[str, Path]) -> dict:
+    e = cfg.eval
+    tokenizer = load_tokenizer(inputs["base"] / "nf4")
+    windows = token_windows(tokenizer, ppl_texts(cfg, tokenizer, inputs["train"]), e.ppl_seq_len)[:e.ppl_windows]
+    if len(windows) < e.ppl_windows:
+        log.warning("eval: only %d perplexity windows of %d tokens available (%d asked)", len(windows),
+                    e.ppl_seq_len, e.ppl_windows)
+    chats = [row["messages"] for row in read_jsonl(inputs["train"] / "data" / "heldout.jsonl")][:e.task_examples]
+    if not chats:
+        log.warning("eval: no held-out rows (data.heldout_examples=0): task accuracy is not measured")
+    if "rtn" in e.artifacts:
+        quantize_rtn(cfg, inputs["merge"], work / "rtn")
+    inputs = {**inputs, "rtn": work / "rtn"}
+
+    results, weights = {}, {}
+    available = artifact_paths(inputs)
+    for name in e.artifacts:
+        path = available[name]
+        if isinstance(path, Path) and not path.exists():
+            log.warning("eval: %s was not produced by this run (%s); skipped", name, path)
+            results[name] = {"skipped": f"{path} does not exist"}
+            continue
+        log.info("eval: %s", name)
+        model = load_artifact(name, inputs, cfg)
+        model.eval()
+        results[name] = {
+            "ppl": perplexity(model, windows),
+            "task_accuracy": exact_match(model, tokenizer, chats, max_new_tokens=e.max_new_tokens,
+                                         batch_size=e.batch_size) if chats else None,
+            "disk_bytes": artifact_disk_bytes(name, inputs),
+            "param_bytes": model.get_memory_footprint(),
+            "kernels": quantized_kernels(model),
+        }
+        log.info("eval: %s ppl %.2f, task accuracy %s", name, results[name]["ppl"], results[name]["task_accuracy"])
+        if name in HISTOGRAM_ARTIFACTS:
+            dense = dense_weight(name, model, inputs["gptq"], e.histogram_layer)
+            if dense is not None:
+                weights[name] = dense.flatten().cpu()
+        del model
+
+    report = {"ppl_source": e.ppl_source, "ppl_windows": len(windows), "ppl_seq_len": e.ppl_seq_len,
+              "task_examples": len(chats), "artifacts": results}
+    if weights:
+        reference = next(iter(weights.values()))
+        lo, hi = reference.quantile(0.001).item(), reference.quantile(0.999).item()
+        report["weight_histogram"] = {
+            "layer": e.histogram_layer, "range": [lo, hi],
+            "counts": {name: torch.histc(w.clamp(lo, hi), HISTOGRAM_BINS, lo, hi).tolist() for name, w in weights.items()}}
+    (work / "eval.json").write_text(json.dumps(report, indent=1))
+    return {name: {k: v for k, v in r.items() if k in ("ppl", "task_accuracy")} for name, r in results.items()}

@@ -1,0 +1,54 @@
+"""eval, bench and the report on the tiny chain: sane numbers, the JSON schema, the rendered report."""
+from __future__ import annotations
+
+import json
+import math
+
+from .test_pipeline import finished  # noqa: F401
+
+ARTIFACTS = ["base16", "nf4", "qlora", "merged", "gptq", "rtn"]
+
+
+def test_eval_measures_every_artifact(finished):  # noqa: F811
+    out, _, _ = finished
+    evaluation = json.loads((out / "default" / "eval" / "eval.json").read_text())
+    results = evaluation["artifacts"]
+    assert list(results) == ARTIFACTS
+    assert evaluation["ppl_windows"] == 4 and evaluation["task_examples"] == 8
+    for name, r in results.items():
+        assert 1 < r["ppl"] < 5000 and math.isfinite(r["ppl"]), name
+        assert 0 <= r["task_accuracy"] <= 1 and r["param_bytes"] > 0, name
+    assert results["gptq"]["kernels"] and not results["merged"]["kernels"]
+    assert results["nf4"]["param_bytes"] < results["base16"]["param_bytes"]
+    assert results["gptq"]["disk_bytes"] < results["merged"]["disk_bytes"]
+    # the adapter is already in the merged weights: both score alike
+    assert abs(results["merged"]["ppl"] - results["qlora"]["ppl"]) < 0.05 * results["qlora"]["ppl"]
+    histogram = evaluation["weight_histogram"]
+    assert set(histogram["counts"]) == {"base16", "nf4", "gptq"}
+    assert len({round(sum(c)) for c in histogram["counts"].values()}) == 1  # same layer, same number of weights
+
+
+def test_bench_reports_prefill_decode_memory_and_roofline(finished):  # noqa: F811
+    out, _, _ = finished
+    bench = json.loads((out / "default" / "bench" / "bench.json").read_text())
+    assert bench["bandwidth_bytes_s"] > 1e8 and bench["device"]["threads"] >= 1 and bench["device"]["cpu"]
+    assert bench["matrix"] == {"new_tokens": [8], "batch_sizes": [1, 2], "use_cache": [True]}
+    assert list(bench["artifacts"]) == ["base16", "nf4", "qlora", "merged", "gptq"]
+    for name, b in bench["artifacts"].items():
+        assert [(r["batch"], r["new_tokens"]) for r in b["runs"]] == [(1, 8), (2, 8)], name
+        for r in b["runs"]:
+            assert r["prefill_ms"]["min"] <= r["prefill_ms"]["median"] <= r["prefill_ms"]["max"]
+            assert r["prefill_ms"]["median"] > 0 and r["decode_tok_s"]["median"] > 0 and r["peak_memory_bytes"] > 0
+        assert 0 < b["roofline_fraction"] < 2, name
+    assert bench["artifacts"]["gptq"]["kernels"]
+
+
+def test_report_has_the_table_and_plots(finished):  # noqa: F811
+    out, _, _ = finished
+    exp = out / "default"
+    report = (exp / "report.md").read_text()
+    assert "| artifact | size MB | params MB | ppl | task acc | prefill ms | decode tok/s | roofline |" in report
+    for name in ARTIFACTS:
+        assert f"| {name} |" in report
+    for png in ("train_loss.png", "decode_speed.png", "perplexity.png", "weight_histogram.png"):
+        assert (exp / png).stat().st_size > 5000 and f"]({png})" in report
