@@ -6,24 +6,30 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
+from pipeline.artifacts import read_manifest
 from pipeline.models import load_tokenizer
-from pipeline.stages.merge import compare, probe_batch, probe_logits
+from pipeline.stages.merge import compare, probe_batch, probe_logits, qlora_in_float32
 
+from .conftest import compose_config
 from .test_pipeline import finished  # noqa: F401  (the module-scoped finished run)
 
 
-def test_merged_equals_nf4_plus_adapter_not_original_plus_adapter(finished, tiny_model_dir):  # noqa: F811
+def test_merge_is_exact_in_float32(finished):  # noqa: F811
     out, _, _ = finished
+    probe = read_manifest(out / "default" / "merge")["metrics"]["probe_float32"]
+    assert probe["argmax_agreement"] == 1.0 and probe["mean_abs_logit_diff"] < 1e-4, probe
+
+
+def test_merged_checkpoint_is_nf4_plus_adapter_not_original_plus_adapter(finished, tiny_model_dir):  # noqa: F811
+    out, overrides, _ = finished
     exp = out / "default"
-    tokenizer = load_tokenizer(exp / "merge")
-    batch = probe_batch(tokenizer, exp / "train", 8)
+    adapter = exp / "train" / "adapter"
+    batch = probe_batch(load_tokenizer(exp / "merge"), exp / "train", 8)
+    reference = probe_logits(qlora_in_float32(compose_config(*overrides), exp / "base" / "nf4", adapter), batch)
 
-    nf4 = AutoModelForCausalLM.from_pretrained(exp / "base" / "nf4", dtype=torch.bfloat16, device_map="cpu")
-    reference = probe_logits(PeftModel.from_pretrained(nf4, exp / "train" / "adapter"), batch)
-    merged = probe_logits(AutoModelForCausalLM.from_pretrained(exp / "merge", dtype=torch.bfloat16), batch)
-    original = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)
-    wrong = probe_logits(PeftModel.from_pretrained(original, exp / "train" / "adapter").merge_and_unload(), batch)
-
-    good, bad = compare(reference, merged), compare(reference, wrong)
-    assert good["argmax_agreement"] >= 0.98
+    merged = AutoModelForCausalLM.from_pretrained(exp / "merge", dtype=torch.float32)
+    original = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    wrong = PeftModel.from_pretrained(original, adapter).merge_and_unload()
+    good, bad = compare(reference, probe_logits(merged, batch)), compare(reference, probe_logits(wrong, batch))
+    assert good["argmax_agreement"] >= 0.99
     assert good["mean_abs_logit_diff"] < 0.25 * bad["mean_abs_logit_diff"], (good, bad)
