@@ -46,11 +46,11 @@ class BaseConfig:
 
 @dataclass
 class TrainConfig:
-    max_steps: int = 40
+    max_steps: int = 30
     lr: float = 5e-4
     batch_size: int = 8
     grad_accum: int = 1
-    warmup_steps: int = 10
+    warmup_steps: int = 5
     lr_scheduler: str = "cosine"
     weight_decay: float = 0.0
     lora_r: int = 16
@@ -80,7 +80,7 @@ class GPTQConfig:
     desc_act: bool = False  # vLLM refuses dynamic act-order checkpoints
     sym: bool = True
     damp_percent: float = 0.05
-    calib_samples: int = 64
+    calib_samples: int = 32
     calib_seq_len: int = 256
     calib_source: str = "mixed"  # pydoc | train | mixed
     batch_size: int = 1
@@ -97,10 +97,10 @@ class EvalConfig:
     # pydoc (held-out Python docs, never used for calibration), heldout (the fine-tuning held-out chats),
     # or a local .txt/.jsonl/.parquet file or HF dataset id with a `text` column.
     ppl_source: str = "pydoc"
-    ppl_windows: int = 16
-    ppl_seq_len: int = 512
-    task_examples: int = 50  # held-out rows scored by exact match with greedy decoding
-    max_new_tokens: int = 24
+    ppl_windows: int = 12
+    ppl_seq_len: int = 256
+    task_examples: int = 32  # held-out rows scored by exact match with greedy decoding
+    max_new_tokens: int = 16
     batch_size: int = 16
     histogram_layer: str = "model.layers.0.mlp.down_proj"
 

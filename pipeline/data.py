@@ -65,8 +65,6 @@ def load_rows(data: DataConfig, seed: int, workdir: Path):
         source = str(write_jsonl(builtin_task(data.builtin_examples, seed), workdir / "builtin_task.jsonl"))
     suffix = Path(source).suffix
     if suffix in (".jsonl", ".json", ".parquet"):
-        if not Path(source).is_file():
-            raise ConfigError(f"data.source={source!r}: no such file")
         ds = datasets.load_dataset("parquet" if suffix == ".parquet" else "json", data_files=source, split="train")
     else:
         ds = datasets.load_dataset(source, split=data.split)

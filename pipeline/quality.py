@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 
 import torch
+from tqdm.auto import tqdm
 
 from .data import chat_prompt
 
@@ -15,7 +16,7 @@ def generate_answers(model, tokenizer, chats: list[list[dict]], max_new_tokens: 
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     answers = []
     try:
-        for i in range(0, len(chats), batch_size):
+        for i in tqdm(range(0, len(chats), batch_size), desc="generating answers", unit="batch"):
             prompts = [chat_prompt(tokenizer, chat) for chat in chats[i:i + batch_size]]
             batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
             out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
@@ -35,5 +36,5 @@ def exact_match(model, tokenizer, chats: list[list[dict]], **kwargs) -> float:
 def perplexity(model, windows: list[list[int]]) -> float:
     """exp of the mean next-token loss over fixed windows of token ids."""
     losses = [model(input_ids=torch.tensor([w], device=model.device), labels=torch.tensor([w], device=model.device))
-              .loss.float().item() for w in windows]
+              .loss.float().item() for w in tqdm(windows, desc="perplexity", unit="window")]
     return math.exp(sum(losses) / len(losses))

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from . import __version__, report
+from . import __version__, preflight, report
 from .artifacts import StageDir, fingerprint
 from .config import STAGES, Config, validate
 from .models import source_identity
@@ -60,6 +60,7 @@ def experiment_dir(cfg: Config) -> Path:
 def run(cfg: Config) -> dict[str, dict]:
     """Bring `cfg.stage` up to date; returns each planned stage's manifest (or None for stages not built)."""
     validate(cfg)
+    preflight.check(cfg)
     exp = experiment_dir(cfg)
     exp.mkdir(parents=True, exist_ok=True)
     prints = fingerprints(cfg)

@@ -1,0 +1,92 @@
+"""Checks of the world outside the config, run before any heavy work: the model and data exist and have the
+right shape, the output directory is writable and has room."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from .config import ConfigError
+from .models import gguf_file
+
+GIB = 2**30
+
+
+def check_model(name_or_path: str) -> None:
+    if gguf_file(name_or_path) is not None:  # raises ConfigError for a missing package
+        if not gguf_file(name_or_path).is_file():
+            raise ConfigError(f"model.name_or_path={name_or_path!r}: no such GGUF file")
+        return
+    local = Path(name_or_path)
+    looks_local = name_or_path.startswith((".", "/", "~")) or local.exists() or name_or_path.count("/") > 1
+    if not looks_local:
+        return  # an HF hub id: checked when it is loaded
+    if not local.is_dir():
+        raise ConfigError(f"model.name_or_path={name_or_path!r}: no such directory")
+    try:
+        config = json.loads((local / "config.json").read_text())
+    except (OSError, ValueError):
+        raise ConfigError(f"model.name_or_path={name_or_path!r}: no readable config.json, not an HF model "
+                          "directory") from None
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if config.get("model_type") not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not config.get("auto_map"):
+        raise ConfigError(f"model.name_or_path={name_or_path!r}: model_type {config.get('model_type')!r} is not a "
+                          "causal language model")
+
+
+def check_data_file(source: str) -> None:
+    """A local dataset file exists, is not empty and (JSONL) parses line by line; columns are checked on load."""
+    path = Path(source)
+    if path.suffix not in (".jsonl", ".json", ".parquet"):
+        return  # "builtin" or an HF dataset id
+    if not path.is_file():
+        raise ConfigError(f"data.source={source!r}: no such file")
+    if path.stat().st_size == 0:
+        raise ConfigError(f"data.source={source!r}: the file is empty")
+    if path.suffix == ".jsonl":
+        bad = []
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if line.strip():
+                try:
+                    if not isinstance(json.loads(line), dict):
+                        bad.append(number)
+                except ValueError:
+                    bad.append(number)
+        if bad:
+            shown = ", ".join(map(str, bad[:10])) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
+            raise ConfigError(f"data.source={source!r}: malformed JSON object on line {shown}")
+
+
+def check_output_dir(output_dir: str, needed_bytes: int) -> None:
+    root = Path(output_dir)
+    existing = next((p for p in [root, *root.parents] if p.exists()), Path("."))
+    probe = existing / ".pipeline-write-test"
+    try:
+        probe.touch()
+        probe.unlink()
+    except OSError:
+        raise ConfigError(f"output_dir={output_dir!r}: {existing} is not writable") from None
+    free = shutil.disk_usage(existing).free
+    if free < needed_bytes:
+        raise ConfigError(f"output_dir={output_dir!r}: {free / GIB:.1f} GiB free, the run needs about "
+                          f"{needed_bytes / GIB:.1f} GiB")
+
+
+def estimated_run_bytes(name_or_path: str) -> int:
+    """Disk a whole run writes, about three 16-bit copies of the model (source, merged, and the 4-bit ones);
+    0 when the size is unknown before download (a hub id)."""
+    gguf = gguf_file(name_or_path)
+    if gguf is not None:
+        sixteen_bit = gguf.stat().st_size * 4  # 4-5 bit GGUF blocks -> 16-bit weights
+    elif Path(name_or_path).is_dir():
+        sixteen_bit = sum(p.stat().st_size for p in Path(name_or_path).glob("*.safetensors"))
+    else:
+        return 0
+    return 3 * sixteen_bit
+
+
+def check(cfg) -> None:
+    check_model(cfg.model.name_or_path)
+    check_data_file(cfg.data.source)
+    check_output_dir(cfg.output_dir, estimated_run_bytes(cfg.model.name_or_path))
