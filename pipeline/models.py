@@ -104,6 +104,7 @@ def load_causal_lm(path: str | Path, model: ModelConfig, dtype: str, quantizatio
     extra = {"quantization_config": quantization_config} if quantization_config is not None else {}
     return AutoModelForCausalLM.from_pretrained(
         str(path), dtype=torch_dtype(dtype), device_map=device_map(), trust_remote_code=model.trust_remote_code,
+        use_safetensors=None if model.allow_pickle else True,
         revision=model.revision if str(path) == model.name_or_path else None, **extra)
 
 
@@ -141,7 +142,7 @@ def load_artifact(name: str, inputs: dict[str, Path], cfg):
     if name == "merged":
         return load_causal_lm(paths["merged"], cfg.model, cfg.merge.dtype)
     # GPTQ checkpoints (gptq, rtn) carry their quantization config; transformers picks the kernel via GPTQModel.
-    return AutoModelForCausalLM.from_pretrained(str(paths[name]), device_map=device_map())
+    return AutoModelForCausalLM.from_pretrained(str(paths[name]), device_map=device_map(), use_safetensors=True)
 
 
 def artifact_disk_bytes(name: str, inputs: dict[str, Path]) -> int | None:

@@ -12,7 +12,7 @@ from .models import gguf_file
 GIB = 2**30
 
 
-def check_model(name_or_path: str) -> None:
+def check_model(name_or_path: str, allow_pickle: bool = False) -> None:
     if gguf_file(name_or_path) is not None:  # raises ConfigError for a missing package
         if not gguf_file(name_or_path).is_file():
             raise ConfigError(f"model.name_or_path={name_or_path!r}: no such GGUF file")
@@ -33,6 +33,9 @@ def check_model(name_or_path: str) -> None:
     if config.get("model_type") not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not config.get("auto_map"):
         raise ConfigError(f"model.name_or_path={name_or_path!r}: model_type {config.get('model_type')!r} is not a "
                           "causal language model")
+    if not allow_pickle and not list(local.glob("*.safetensors")):
+        raise ConfigError(f"model.name_or_path={name_or_path!r}: no .safetensors weights; pickled weights (.bin, .pt) "
+                          "can run code when loaded: convert them, or set model.allow_pickle=true if you trust them")
 
 
 def check_data_file(source: str) -> None:
@@ -45,17 +48,22 @@ def check_data_file(source: str) -> None:
     if path.stat().st_size == 0:
         raise ConfigError(f"data.source={source!r}: the file is empty")
     if path.suffix == ".jsonl":
-        bad = []
+        malformed, unusable = [], []
         for number, line in enumerate(path.read_text().splitlines(), 1):
-            if line.strip():
-                try:
-                    if not isinstance(json.loads(line), dict):
-                        bad.append(number)
-                except ValueError:
-                    bad.append(number)
-        if bad:
-            shown = ", ".join(map(str, bad[:10])) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
-            raise ConfigError(f"data.source={source!r}: malformed JSON object on line {shown}")
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError:
+                malformed.append(number)
+                continue
+            if not isinstance(row, dict) or not ("messages" in row or {"instruction", "output"} <= row.keys()):
+                unusable.append(number)
+        for numbers, problem in ((malformed, "malformed JSON"),
+                                 (unusable, "neither 'messages' nor 'instruction'/'output' fields")):
+            if numbers:
+                lines = ", ".join(map(str, numbers[:10])) + (f" and {len(numbers) - 10} more" if numbers[10:] else "")
+                raise ConfigError(f"data.source={source!r}: {problem} on line {lines}")
 
 
 def check_output_dir(output_dir: str, needed_bytes: int) -> None:
@@ -87,6 +95,6 @@ def estimated_run_bytes(name_or_path: str) -> int:
 
 
 def check(cfg) -> None:
-    check_model(cfg.model.name_or_path)
+    check_model(cfg.model.name_or_path, cfg.model.allow_pickle)
     check_data_file(cfg.data.source)
     check_output_dir(cfg.output_dir, estimated_run_bytes(cfg.model.name_or_path))

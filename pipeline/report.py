@@ -116,6 +116,21 @@ def plots(exp: Path, evaluation: dict, bench: dict) -> list[Path]:
     return written
 
 
+def notes(bench: dict) -> list[str]:
+    if not bench:
+        return []
+    first = next(iter(bench["artifacts"].values()), {})
+    single = _batch1(first) or {}
+    device = bench["device"]
+    where = device.get("gpu") or device.get("cpu")
+    cuda = f", CUDA {device['cuda']}" if device.get("cuda") else ""
+    return [f"Ratios in parentheses are against the {REFERENCE} 16-bit model. Speed: batch 1, prompt "
+            f"{single.get('prompt_len')} tokens, {single.get('new_tokens')} new tokens, KV cache on, median of "
+            f"repeats. Roofline: decode tok/s x weight bytes read per token / copy bandwidth "
+            f"({bench['bandwidth_bytes_s'] / 1e9:.1f} GB/s).",
+            f"Device: {where} ({device['threads']} threads{cuda}), torch {device['torch']}."]
+
+
 def write(exp: Path) -> str | None:
     """Write report.md and the plots from whatever eval.json / bench.json exist; returns the table."""
     evaluation, bench = _load(exp / "eval" / "eval.json"), _load(exp / "bench" / "bench.json")
@@ -123,14 +138,6 @@ def write(exp: Path) -> str | None:
         return None
     table = markdown(rows(evaluation, bench))
     images = plots(exp, evaluation, bench)
-    device = bench.get("device", {})
-    text = [f"# Report: {exp.name}", "", table, "",
-            f"Ratios in parentheses are against the {REFERENCE} 16-bit model. Speed: batch 1, "
-            f"{bench.get('artifacts') and _batch1(next(iter(bench['artifacts'].values())))['new_tokens']} new tokens, "
-            f"KV cache on, median of repeats; roofline = decode tok/s x weight bytes per token / copy bandwidth "
-            f"({bench.get('bandwidth_bytes_s', 0) / 1e9:.1f} GB/s)." if bench else "",
-            f"Device: {device.get('gpu') or device.get('cpu')} ({device.get('threads')} threads"
-            f"{', CUDA ' + device['cuda'] if device.get('cuda') else ''}), torch {device.get('torch')}." if device else "",
-            "", *[f"![{p.stem}]({p.name})" for p in images], ""]
-    (exp / "report.md").write_text("\n".join(text))
+    text = [f"# Report: {exp.name}", "", table, "", *notes(bench), "", *[f"![{p.stem}]({p.name})" for p in images]]
+    (exp / "report.md").write_text("\n".join(text) + "\n")
     return table

@@ -5,6 +5,7 @@ A stage's fingerprint hashes its slice of the config and its upstream stages' fi
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import time
@@ -54,15 +55,33 @@ def plan(target: str) -> list[str]:
 
 
 def experiment_dir(cfg: Config) -> Path:
-    return Path(cfg.output_dir) / cfg.experiment
+    return Path(cfg.output_dir).resolve() / cfg.experiment
+
+
+@contextlib.contextmanager
+def log_file(path: Path):
+    """Also log to `path` (the console handler comes from Hydra's job logging config)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+    logging.getLogger().addHandler(handler)
+    try:
+        yield
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
 
 
 def run(cfg: Config) -> dict[str, dict]:
-    """Bring `cfg.stage` up to date; returns each planned stage's manifest (or None for stages not built)."""
+    """Bring `cfg.stage` up to date; returns {stage: {"status", "path"}} for the planned stages."""
     validate(cfg)
     preflight.check(cfg)
     exp = experiment_dir(cfg)
-    exp.mkdir(parents=True, exist_ok=True)
+    with log_file(exp / "logs" / f"{time.strftime('%Y-%m-%d_%H-%M-%S')}.log"):
+        return run_stages(cfg, exp)
+
+
+def run_stages(cfg: Config, exp: Path) -> dict[str, dict]:
     prints = fingerprints(cfg)
     forced = set(STAGES) if cfg.stage == "all" else {cfg.stage}
     results: dict[str, dict] = {}

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ from hydra import compose, initialize_config_dir
 
 import pipeline.config  # noqa: F401  (registers the config schema)
 from pipeline.data import builtin_task, pydoc_texts, to_messages
+from pipeline.runner import run
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
@@ -55,15 +57,28 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture
-def tiny_config(tiny_model_dir, tmp_path):
-    """Compose the real config for the tiny model in a fresh output directory."""
-    def make(*overrides: str):
-        return compose_config(f"model.name_or_path={tiny_model_dir}", f"output_dir={tmp_path / 'outputs'}",
-                              *TINY, *overrides)
-    return make
+@pytest.fixture(scope="session")
+def finished(tiny_model_dir, tmp_path_factory):
+    """One uninterrupted stage=all run of the tiny model: (output_dir, overrides, results). Read it, don't change
+    it: tests that change outputs work on a copy."""
+    out = tmp_path_factory.mktemp("chain") / "outputs"
+    overrides = [f"model.name_or_path={tiny_model_dir}", *TINY]
+    results = run(compose_config(f"output_dir={out}", *overrides))
+    return out, overrides, results
 
 
 @pytest.fixture(autouse=True, scope="session")
 def _threads():
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture
+def copy_of(finished, tmp_path):
+    """A private copy of the finished outputs, and a function that reruns the pipeline on it with overrides."""
+    out, overrides, _ = finished
+    mine = tmp_path / "outputs"
+    shutil.copytree(out, mine)
+
+    def rerun(*more: str):
+        return run(compose_config(f"output_dir={mine}", *overrides, *more))
+    return mine / "default", rerun

@@ -12,10 +12,9 @@ from pipeline.quality import generate_answers
 from pipeline.stages.gptq import choose_group_size, vllm_problems
 from pipeline.stages.merge import compare, probe_batch, probe_logits
 
-from .test_pipeline import finished  # noqa: F401
 
 
-def test_gptq_checkpoint_loads_with_plain_transformers(finished):  # noqa: F811
+def test_gptq_checkpoint_loads_with_plain_transformers(finished):
     out, _, _ = finished
     exp = out / "default"
     files = {p.name for p in (exp / "gptq").iterdir()}
@@ -44,7 +43,7 @@ def test_group_size_choice_and_vllm_checks():
     assert len(problems) == 2 and "desc_act" in problems[0] and "576" in problems[1]
 
 
-def test_non_default_settings_are_recorded(finished):  # noqa: F811
+def test_non_default_settings_are_recorded(finished):
     out, _, _ = finished
     manifest = json.loads((out / "default" / "gptq" / "manifest.json").read_text())
     assert manifest["config"]["gptq"]["bits"] == 4

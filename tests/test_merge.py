@@ -11,16 +11,15 @@ from pipeline.models import load_tokenizer
 from pipeline.stages.merge import compare, probe_batch, probe_logits, qlora_in_float32
 
 from .conftest import compose_config
-from .test_pipeline import finished  # noqa: F401  (the module-scoped finished run)
 
 
-def test_merge_is_exact_in_float32(finished):  # noqa: F811
+def test_merge_is_exact_in_float32(finished):
     out, _, _ = finished
     probe = read_manifest(out / "default" / "merge")["metrics"]["probe_float32"]
     assert probe["argmax_agreement"] == 1.0 and probe["mean_abs_logit_diff"] < 1e-4, probe
 
 
-def test_merged_checkpoint_is_nf4_plus_adapter_not_original_plus_adapter(finished, tiny_model_dir):  # noqa: F811
+def test_merged_checkpoint_is_nf4_plus_adapter_not_original_plus_adapter(finished, tiny_model_dir):
     out, overrides, _ = finished
     exp = out / "default"
     adapter = exp / "train" / "adapter"

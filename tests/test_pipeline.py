@@ -8,32 +8,8 @@ from functools import partial
 import pytest
 
 from pipeline.artifacts import read_manifest
-from pipeline.runner import run
-
-from .conftest import TINY, compose_config
 
 STAGES = ("base", "train", "merge", "gptq", "eval", "bench")
-
-
-@pytest.fixture(scope="module")
-def finished(tiny_model_dir, tmp_path_factory):
-    """One uninterrupted stage=all run; tests that change it work on a copy."""
-    out = tmp_path_factory.mktemp("chain") / "outputs"
-    overrides = [f"model.name_or_path={tiny_model_dir}", *TINY]
-    results = run(compose_config(f"output_dir={out}", *overrides))
-    return out, overrides, results
-
-
-@pytest.fixture
-def copy_of(finished, tmp_path):
-    """A private copy of the finished outputs, and a function that reruns the pipeline on it with overrides."""
-    out, overrides, _ = finished
-    mine = tmp_path / "outputs"
-    shutil.copytree(out, mine)
-
-    def rerun(*more: str):
-        return run(compose_config(f"output_dir={mine}", *overrides, *more))
-    return mine / "default", rerun
 
 
 def statuses(results):

@@ -4,12 +4,11 @@ from __future__ import annotations
 import json
 import math
 
-from .test_pipeline import finished  # noqa: F401
 
 ARTIFACTS = ["base16", "nf4", "qlora", "merged", "gptq", "rtn"]
 
 
-def test_eval_measures_every_artifact(finished):  # noqa: F811
+def test_eval_measures_every_artifact(finished):
     out, _, _ = finished
     evaluation = json.loads((out / "default" / "eval" / "eval.json").read_text())
     results = evaluation["artifacts"]
@@ -28,7 +27,7 @@ def test_eval_measures_every_artifact(finished):  # noqa: F811
     assert len({round(sum(c)) for c in histogram["counts"].values()}) == 1  # same layer, same number of weights
 
 
-def test_bench_reports_prefill_decode_memory_and_roofline(finished):  # noqa: F811
+def test_bench_reports_prefill_decode_memory_and_roofline(finished):
     out, _, _ = finished
     bench = json.loads((out / "default" / "bench" / "bench.json").read_text())
     assert bench["bandwidth_bytes_s"] > 1e8 and bench["device"]["threads"] >= 1 and bench["device"]["cpu"]
@@ -43,7 +42,7 @@ def test_bench_reports_prefill_decode_memory_and_roofline(finished):  # noqa: F8
     assert bench["artifacts"]["gptq"]["kernels"]
 
 
-def test_report_has_the_table_and_plots(finished):  # noqa: F811
+def test_report_has_the_table_and_plots(finished):
     out, _, _ = finished
     exp = out / "default"
     report = (exp / "report.md").read_text()

@@ -67,7 +67,7 @@ def quantize_rtn(cfg: Config, merged: Path, out: Path) -> None:
 
     group_size, _ = gptq.group_size_for(cfg, merged)
     gptq.quantize(cfg, merged, out, RTNConfig(bits=cfg.gptq.bits, group_size=group_size, sym=cfg.gptq.sym,
-                                              offload_to_disk_path=str(out / "offload")), None)
+                                              offload_to_disk_path=str(out.resolve() / "offload")), None)
 
 
 def run(cfg: Config, work: Path, inputs: dict[str, Path]) -> dict:
@@ -115,8 +115,7 @@ def run(cfg: Config, work: Path, inputs: dict[str, Path]) -> dict:
     if weights:
         reference = next(iter(weights.values()))
         lo, hi = reference.quantile(0.001).item(), reference.quantile(0.999).item()
-        report["weight_histogram"] = {
-            "layer": e.histogram_layer, "range": [lo, hi],
-            "counts": {name: torch.histc(w.clamp(lo, hi), HISTOGRAM_BINS, lo, hi).tolist() for name, w in weights.items()}}
+        counts = {name: torch.histc(w.clamp(lo, hi), HISTOGRAM_BINS, lo, hi).tolist() for name, w in weights.items()}
+        report["weight_histogram"] = {"layer": e.histogram_layer, "range": [lo, hi], "counts": counts}
     (work / "eval.json").write_text(json.dumps(report, indent=1))
     return {name: {k: v for k, v in r.items() if k in ("ppl", "task_accuracy")} for name, r in results.items()}

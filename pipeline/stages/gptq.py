@@ -6,6 +6,7 @@ the manifest's `vllm_compatible` is true.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -84,7 +85,8 @@ def quantize(cfg: Config, merged: Path, out: Path, quant_config, calibration: li
 
     set_seed(cfg.seed)
     model = GPTQModel.load(str(merged), quant_config, device=device(), trust_remote_code=cfg.model.trust_remote_code)
-    model.quantize(calibration, batch_size=cfg.gptq.batch_size)
+    with contextlib.chdir(out):  # GPTQModel writes its per-layer stats to ./logs: keep them with the artifact
+        model.quantize(calibration, batch_size=cfg.gptq.batch_size)
     model.save(str(out))
     load_tokenizer(merged).save_pretrained(out)
     shutil.rmtree(out / "offload", ignore_errors=True)
@@ -103,9 +105,9 @@ def run(cfg: Config, work: Path, inputs: dict[str, Path]) -> dict:
     windows = calibration_windows(load_tokenizer(merged), g.calib_source, chats, g.calib_samples, g.calib_seq_len,
                                   cfg.seed)
     calibration = [{"input_ids": w, "attention_mask": [1] * len(w)} for w in windows]
-    quantize(cfg, merged, work, GPTQConfig(bits=g.bits, group_size=group_size, desc_act=g.desc_act, sym=g.sym,
-                                           damp_percent=g.damp_percent, offload_to_disk_path=str(work / "offload")),
-             calibration)
+    quant_config = GPTQConfig(bits=g.bits, group_size=group_size, desc_act=g.desc_act, sym=g.sym,
+                              damp_percent=g.damp_percent, offload_to_disk_path=str(work.resolve() / "offload"))
+    quantize(cfg, merged, work, quant_config, calibration)
 
     backend = backend_for(group_size, in_features)
     return {"group_size": group_size, "calibration_windows": len(windows), "layer_in_features": sorted(in_features),

@@ -1,0 +1,100 @@
+"""Bad input: a one-line error naming the key, exit code 2, no traceback, and no cached artifact touched."""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BAD_MODELS = {
+    "no-config": {},
+    "not-causal": {"config.json": json.dumps({"model_type": "vit"})},
+    "pickle-only": {"config.json": json.dumps({"model_type": "llama"}), "pytorch_model.bin": "not really"},
+}
+BAD_DATA = {
+    "empty.jsonl": "",
+    "malformed.jsonl": '{"instruction": "a", "output": "b"}\n{"instruction": \n'
+                       '{"instruction": "c", "output": "d"}\n[1]\n',
+    "columns.jsonl": '{"instruction": "a", "output": "b"}\n{"question": "a", "answer": "b"}\n',
+}
+
+# (override, what the error says[, exit code]); {tmp} is a folder with the files above.
+CASES = [
+    ("stage=deploy", "stage='deploy' is not allowed: one of all, base, train"),
+    ("gptq.bits=5", "gptq.bits=5 is not allowed: one of 2, 3, 4, 8"),
+    ("gptq.bits=1", "gptq.bits=1 is not allowed"),
+    ("gptq.group_size=100", "gptq.group_size=100 is not allowed: null (auto), -1 (per channel) or a positive power"),
+    ("gptq.group_size=0", "gptq.group_size=0 is not allowed"),
+    ("gptq.damp_percent=1.5", "gptq.damp_percent=1.5 is not allowed: a number in (0, 1)"),
+    ("gptq.calib_source=web", "gptq.calib_source='web' is not allowed: pydoc, train or mixed"),
+    ("train.lora_r=0", "train.lora_r=0 is not allowed: a positive integer"),
+    ("train.lr=0", "train.lr=0.0 is not allowed: a positive number"),
+    ("train.lr=-1e-4", "train.lr=-0.0001 is not allowed"),
+    ("train.max_steps=0", "train.max_steps=0 is not allowed: a positive integer"),
+    ("train.target_modules=[]", "train.target_modules=[] is not allowed"),
+    ("model.dtype=int8", "model.dtype='int8' is not allowed"),
+    ("eval.artifacts=[gptq,awq]", "eval.artifacts=['gptq', 'awq'] is not allowed"),
+    ("bench.matrix=huge", "bench.matrix='huge' is not allowed: auto, full or cpu"),
+    # Hydra itself refuses these while composing the config (its exit code is 1): experiment names a file in
+    # conf/experiment/, so it cannot point outside output_dir; every key is typed.
+    ("experiment=../../etc", "Could not find 'experiment/../../etc'", 1),
+    ("gptq.bits=four", "Value 'four' of type 'str' could not be converted to Integer", 1),
+    ("train.lorar=8", "Could not override 'train.lorar'", 1),
+    ("model.name_or_path=/no/such/model", "model.name_or_path='/no/such/model': no such directory"),
+    ("model.name_or_path={tmp}/no-config", "no readable config.json, not an HF model directory"),
+    ("model.name_or_path={tmp}/not-causal", "model_type 'vit' is not a causal language model"),
+    ("model.name_or_path={tmp}/pickle-only", "no .safetensors weights; pickled weights"),
+    ("model.name_or_path=package:no-such-dist", "the package 'no-such-dist' is not installed"),
+    ("data.source={tmp}/missing.jsonl", "missing.jsonl': no such file"),
+    ("data.source={tmp}/empty.jsonl", "empty.jsonl': the file is empty"),
+    ("data.source={tmp}/malformed.jsonl", "malformed.jsonl': malformed JSON on line 2"),
+    ("data.source={tmp}/columns.jsonl",
+     "columns.jsonl': neither 'messages' nor 'instruction'/'output' fields on line 2"),
+    ("output_dir=/proc/pipeline-outputs", "output_dir='/proc/pipeline-outputs': /proc is not writable"),
+    ("stage=gptq gptq.calib_samples=100000", "gptq.calib_samples=100000: the pydoc text has only"),
+]
+
+
+def tree_hashes(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file() and "logs" not in p.parts}
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(finished, tmp_path_factory):
+    out, overrides, _ = finished
+    tmp = tmp_path_factory.mktemp("bad")
+    for name, files in BAD_MODELS.items():
+        (tmp / name).mkdir()
+        for filename, text in files.items():
+            (tmp / name / filename).write_text(text)
+    for name, text in BAD_DATA.items():
+        (tmp / name).write_text(text)
+    outputs = tmp / "outputs"
+    shutil.copytree(out, outputs)
+    return tmp, outputs, overrides
+
+
+@pytest.mark.parametrize("override, message, code", [(*case, 2)[:3] for case in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_fails_cleanly_and_changes_nothing(bad_inputs, override, message, code):
+    tmp, outputs, overrides = bad_inputs
+    before = tree_hashes(outputs)
+    args = [a.format(tmp=tmp) for a in override.split()]
+    result = subprocess.run([sys.executable, "-m", "pipeline", *overrides, f"output_dir={outputs}", *args],
+                            capture_output=True, text=True, timeout=300)
+    said = result.stdout + result.stderr
+    assert result.returncode == code, said[-3000:]
+    assert message.format(tmp=tmp) in said, said[-3000:]
+    assert "Traceback" not in said
+    assert tree_hashes(outputs) == before
+
+
+def test_debug_shows_the_traceback(bad_inputs):
+    tmp, outputs, overrides = bad_inputs
+    result = subprocess.run([sys.executable, "-m", "pipeline", *overrides, f"output_dir={outputs}", "gptq.bits=5",
+                             "debug=true"], capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and "Traceback" in result.stdout + result.stderr
