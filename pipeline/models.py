@@ -33,15 +33,27 @@ def gguf_file(name_or_path: str) -> Path | None:
     return None
 
 
+def file_identity(path: Path, sample: int = 2**20) -> str:
+    """Size and a hash of the first and last MiB: tells weight files apart without reading gigabytes, and does not
+    depend on where the file lives (so another machine with the same files computes the same fingerprint)."""
+    import hashlib
+
+    digest = hashlib.sha256(str(path.stat().st_size).encode())
+    with path.open("rb") as f:
+        digest.update(f.read(sample))
+        f.seek(max(path.stat().st_size - sample, 0))
+        digest.update(f.read(sample))
+    return digest.hexdigest()[:16]
+
+
 def source_identity(model: ModelConfig) -> dict:
-    """What identifies the source weights, for fingerprints: cheap, no weights are read."""
+    """What identifies the source weights, for fingerprints: cheap, no weights are loaded."""
     gguf = gguf_file(model.name_or_path)
     if gguf is not None:
-        return {"gguf": gguf.name, "bytes": gguf.stat().st_size}
+        return {"gguf": gguf.name, "file": file_identity(gguf)}
     local = Path(model.name_or_path)
     if local.is_dir():
-        return {"dir": str(local.resolve()),
-                "files": {p.name: p.stat().st_size for p in sorted(local.iterdir()) if p.is_file()}}
+        return {"files": {p.name: file_identity(p) for p in sorted(local.iterdir()) if p.is_file()}}
     return {"hub_id": model.name_or_path, "revision": model.revision}
 
 

@@ -12,7 +12,7 @@ from .models import gguf_file
 GIB = 2**30
 
 
-def check_model(name_or_path: str, allow_pickle: bool = False) -> None:
+def check_model(name_or_path: str, allow_pickle: bool = False, trust_remote_code: bool = False) -> None:
     if gguf_file(name_or_path) is not None:  # raises ConfigError for a missing package
         if not gguf_file(name_or_path).is_file():
             raise ConfigError(f"model.name_or_path={name_or_path!r}: no such GGUF file")
@@ -30,6 +30,9 @@ def check_model(name_or_path: str, allow_pickle: bool = False) -> None:
                           "directory") from None
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+    if config.get("auto_map") and not trust_remote_code:
+        raise ConfigError(f"model.name_or_path={name_or_path!r}: the model ships its own Python code (auto_map in "
+                          "config.json), which runs when loaded: set model.trust_remote_code=true if you trust it")
     if config.get("model_type") not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not config.get("auto_map"):
         raise ConfigError(f"model.name_or_path={name_or_path!r}: model_type {config.get('model_type')!r} is not a "
                           "causal language model")
@@ -95,6 +98,6 @@ def estimated_run_bytes(name_or_path: str) -> int:
 
 
 def check(cfg) -> None:
-    check_model(cfg.model.name_or_path, cfg.model.allow_pickle)
+    check_model(cfg.model.name_or_path, cfg.model.allow_pickle, cfg.model.trust_remote_code)
     check_data_file(cfg.data.source)
     check_output_dir(cfg.output_dir, estimated_run_bytes(cfg.model.name_or_path))

@@ -13,6 +13,8 @@ import pytest
 BAD_MODELS = {
     "no-config": {},
     "not-causal": {"config.json": json.dumps({"model_type": "vit"})},
+    "remote-code": {"config.json": json.dumps({"model_type": "mine", "auto_map": {"AutoModelForCausalLM": "m.M"}}),
+                    "m.py": "raise SystemExit('remote code ran')"},
     "pickle-only": {"config.json": json.dumps({"model_type": "llama"}), "pytorch_model.bin": "not really"},
 }
 BAD_DATA = {
@@ -48,6 +50,7 @@ CASES = [
     ("model.name_or_path={tmp}/no-config", "no readable config.json, not an HF model directory"),
     ("model.name_or_path={tmp}/not-causal", "model_type 'vit' is not a causal language model"),
     ("model.name_or_path={tmp}/pickle-only", "no .safetensors weights; pickled weights"),
+    ("model.name_or_path={tmp}/remote-code", "the model ships its own Python code (auto_map in config.json)"),
     ("model.name_or_path=package:no-such-dist", "the package 'no-such-dist' is not installed"),
     ("data.source={tmp}/missing.jsonl", "missing.jsonl': no such file"),
     ("data.source={tmp}/empty.jsonl", "empty.jsonl': the file is empty"),
