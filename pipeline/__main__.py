@@ -6,7 +6,6 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from . import config  # noqa: F401  (registers the config schema)
 from .config import ConfigError
 from .runner import run
 

@@ -100,7 +100,7 @@ class EvalConfig:
     ppl_source: str = "pydoc"
     ppl_windows: int = 12
     ppl_seq_len: int = 256
-    task_examples: int = 32  # held-out rows scored by exact match with greedy decoding
+    task_examples: int = 64  # held-out rows scored by exact match with greedy decoding
     max_new_tokens: int = 16
     batch_size: int = 16
     histogram_layer: str = "model.layers.0.mlp.down_proj"

@@ -19,7 +19,6 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 
-import pipeline.config  # noqa: F401  (registers the schema)
 from pipeline.data import read_jsonl
 from pipeline.models import load_causal_lm, load_tokenizer
 from pipeline.runner import experiment_dir, run

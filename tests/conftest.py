@@ -1,7 +1,6 @@
 """Fixtures: a tiny 2-layer Llama with a BPE tokenizer trained on pydoc text, and Hydra-composed configs."""
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
@@ -9,7 +8,6 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-import pipeline.config  # noqa: F401  (registers the config schema)
 from pipeline.data import builtin_task, pydoc_texts, to_messages
 from pipeline.runner import run
 
@@ -65,11 +63,6 @@ def finished(tiny_model_dir, tmp_path_factory):
     overrides = [f"model.name_or_path={tiny_model_dir}", *TINY]
     results = run(compose_config(f"output_dir={out}", *overrides))
     return out, overrides, results
-
-
-@pytest.fixture(autouse=True, scope="session")
-def _threads():
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 @pytest.fixture

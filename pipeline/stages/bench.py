@@ -113,11 +113,14 @@ def measure(model, prompt_len: int, new_tokens: int, batch: int, use_cache: bool
     mask = torch.ones_like(prompt)
     prefill = timed(lambda: model(input_ids=prompt, attention_mask=mask, use_cache=use_cache), warmup, repeats)
 
-    def generate():
-        model.generate(input_ids=prompt, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                       do_sample=False, use_cache=use_cache, pad_token_id=model.config.eos_token_id)
+    def generate(tokens: int):
+        return lambda: model.generate(input_ids=prompt, attention_mask=mask, max_new_tokens=tokens,
+                                      min_new_tokens=tokens, do_sample=False, use_cache=use_cache,
+                                      pad_token_id=model.config.eos_token_id)
+    for _ in range(warmup):  # a short generation warms up the same kernels and caches
+        generate(min(new_tokens, 4))()
     with PeakMemory() as peak:
-        total = timed(generate, warmup, repeats)
+        total = timed(generate(new_tokens), 0, repeats)
     prefill_s = statistics.median(prefill)
     decode_tps = [batch * (new_tokens - 1) / max(t - prefill_s, 1e-9) for t in total]
     return {"prompt_len": prompt_len, "new_tokens": new_tokens, "batch": batch, "use_cache": use_cache,

@@ -84,6 +84,7 @@ def quantize(cfg: Config, merged: Path, out: Path, quant_config, calibration: li
     from transformers import set_seed
 
     merged, out = merged.resolve(), out.resolve()  # GPTQModel reads the weights lazily, from inside the chdir below
+    out.mkdir(parents=True, exist_ok=True)
     set_seed(cfg.seed)
     model = GPTQModel.load(str(merged), quant_config, device=device(), trust_remote_code=cfg.model.trust_remote_code)
     with contextlib.chdir(out):  # GPTQModel writes its per-layer stats to ./logs: keep them with the artifact

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import Config
+from ..config import Config, ConfigError
 from ..data import load_rows, split_rows, tokenize_chat, write_jsonl
 from ..models import load_causal_lm, load_tokenizer
 
@@ -32,7 +32,7 @@ def build_dataset(cfg: Config, tokenizer, work: Path):
         log.warning("dropped %d of %d training rows longer than data.max_seq_len=%d tokens", dropped,
                     len(tokenized), cfg.data.max_seq_len)
     if len(kept) == 0:
-        raise ValueError(f"no training row fits in data.max_seq_len={cfg.data.max_seq_len} tokens")
+        raise ConfigError(f"data.max_seq_len={cfg.data.max_seq_len}: no training row fits in it")
     return kept, {"train_rows": len(kept), "dropped_rows": dropped, "heldout_rows": len(heldout_chats)}
 
 
