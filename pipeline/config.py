@@ -81,8 +81,8 @@ class GPTQConfig:
     desc_act: bool = False  # vLLM refuses dynamic act-order checkpoints
     sym: bool = True
     damp_percent: float = 0.05
-    calib_samples: int = 32
-    calib_seq_len: int = 256
+    calib_samples: int = 64
+    calib_seq_len: int = 128
     calib_source: str = "mixed"  # pydoc | train | mixed
     batch_size: int = 1
 

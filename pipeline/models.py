@@ -120,6 +120,15 @@ def load_causal_lm(path: str | Path, model: ModelConfig, dtype: str, quantizatio
         revision=model.revision if str(path) == model.name_or_path else None, **extra)
 
 
+def meta_model(path: str | Path, trust_remote_code: bool):
+    """The model's modules on the meta device: every shape, no weights read or allocated."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+
+
 def dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 

@@ -8,22 +8,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import torch
-
 from ..config import Config
-from ..models import bnb_config, dir_bytes, gguf_file, load_causal_lm, load_tokenizer, materialize_gguf
+from ..models import bnb_config, dir_bytes, gguf_file, load_causal_lm, load_tokenizer, materialize_gguf, meta_model
 
 log = logging.getLogger(__name__)
-
-
-def sixteen_bit_bytes(source: str, cfg: Config) -> int:
-    """Parameter bytes of the model in 16 bits, counted on the meta device (no weights are read)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(source, trust_remote_code=cfg.model.trust_remote_code)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.model.trust_remote_code)
-    return sum(p.numel() for p in model.parameters()) * 2
 
 
 def run(cfg: Config, work: Path, inputs: dict[str, Path]) -> dict:
@@ -36,11 +24,12 @@ def run(cfg: Config, work: Path, inputs: dict[str, Path]) -> dict:
     model = load_causal_lm(source, cfg.model, cfg.base.compute_dtype, quantization_config=bnb_config(cfg.base))
     model.save_pretrained(work / "nf4")
     load_tokenizer(source, cfg.model).save_pretrained(work / "nf4")
+    shapes = meta_model(source, cfg.model.trust_remote_code)
     metrics = {
         "source": "source" if gguf is not None else source,
         "nf4_memory_bytes": model.get_memory_footprint(),
         "nf4_disk_bytes": dir_bytes(work / "nf4"),
-        "sixteen_bit_memory_bytes": sixteen_bit_bytes(source, cfg),
+        "sixteen_bit_memory_bytes": 2 * sum(p.numel() for p in shapes.parameters()),
     }
     if Path(source).is_dir():
         metrics["sixteen_bit_disk_bytes"] = sum(p.stat().st_size for p in Path(source).glob("*.safetensors"))

@@ -16,7 +16,7 @@ import torch
 
 from ..config import Config
 from ..data import calibration_windows, read_jsonl
-from ..models import device, load_tokenizer, quantized_kernels
+from ..models import device, load_tokenizer, meta_model, quantized_kernels
 
 # GPTQModel sizes its CPU worker pool at import and crashes on 2-core machines unless told to use 2 or more.
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, os.cpu_count() or 2)))
@@ -28,11 +28,7 @@ AUTO_GROUP_SIZES = (128, 64, 32)
 
 def linear_in_features(model_dir: Path, trust_remote_code: bool) -> set[int]:
     """Input sizes of the layers GPTQ quantizes (every Linear but the LM head), read on the meta device."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    model = meta_model(model_dir, trust_remote_code)
     head = model.get_output_embeddings()
     return {m.in_features for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head}
 
