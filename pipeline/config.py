@@ -98,9 +98,9 @@ class EvalConfig:
     # pydoc (held-out Python docs, never used for calibration), heldout (the fine-tuning held-out chats),
     # or a local .txt/.jsonl/.parquet file or HF dataset id with a `text` column.
     ppl_source: str = "pydoc"
-    ppl_windows: int = 12
+    ppl_windows: int = 8
     ppl_seq_len: int = 256
-    task_examples: int = 64  # held-out rows scored by exact match with greedy decoding
+    task_examples: int = 48  # held-out rows scored by exact match with greedy decoding
     max_new_tokens: int = 16
     batch_size: int = 16
     histogram_layer: str = "model.layers.0.mlp.down_proj"
