@@ -118,7 +118,7 @@ class BenchConfig:
     artifacts: list = field(default_factory=lambda: ["base16", "nf4", "qlora", "merged", "gptq"])
     prompt_len: int = 30
     warmup: int = 1
-    repeats: int = 3
+    repeats: int = 2
     matrix: str = "auto"  # auto: `full` on a GPU, `cpu` on CPU
     full: BenchMatrix = field(default_factory=BenchMatrix)
     cpu: BenchMatrix = field(default_factory=lambda: BenchMatrix([30], [1, 4], [True]))
