@@ -57,7 +57,7 @@ def markdown(table: list[dict]) -> str:
         cells = [r["artifact"], _cell(*scaled("size"), ".1f"), _cell(*scaled("params"), ".1f"),
                  _cell(r["ppl"], ref.get("ppl"), ".2f"), _cell(r["task"], None, ".1%", ratio=False),
                  _cell(r["prefill"], ref.get("prefill"), ".1f"), _cell(r["decode"], ref.get("decode"), ".1f"),
-                 _cell(r["roofline"], None, ".1%", ratio=False), _cell(*scaled("peak"), ".0f", )]
+                 _cell(r["roofline"], None, ".1%", ratio=False), _cell(*scaled("peak"), ".0f")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
