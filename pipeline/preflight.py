@@ -13,8 +13,9 @@ GIB = 2**30
 
 
 def check_model(name_or_path: str, allow_pickle: bool = False, trust_remote_code: bool = False) -> None:
-    if gguf_file(name_or_path) is not None:  # raises ConfigError for a missing package
-        if not gguf_file(name_or_path).is_file():
+    gguf = gguf_file(name_or_path)  # raises ConfigError for a missing package
+    if gguf is not None:
+        if not gguf.is_file():
             raise ConfigError(f"model.name_or_path={name_or_path!r}: no such GGUF file")
         return
     local = Path(name_or_path)

@@ -32,13 +32,10 @@ def last_loss(trainer) -> float | None:
 
 
 def ours(cfg, base_dir: Path, work: Path) -> tuple[dict, float]:
-    from transformers import DataCollatorForSeq2Seq, Trainer
-
     tokenizer = load_tokenizer(base_dir)
     dataset, _ = train.build_dataset(cfg, tokenizer, work)
     model = train.build_model(cfg, base_dir)
-    trainer = Trainer(model=model, args=train.training_args(cfg, work / "checkpoints"), train_dataset=dataset,
-                      data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding=True))
+    trainer = train.build_trainer(cfg, model, tokenizer, dataset, work / "checkpoints")
     trainer.args.save_strategy = "no"
     start = time.perf_counter()
     trainer.train()

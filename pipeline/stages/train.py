@@ -66,6 +66,14 @@ def training_args(cfg: Config, checkpoints: Path):
         dataloader_num_workers=0)
 
 
+def build_trainer(cfg: Config, model, tokenizer, dataset, checkpoints: Path):
+    """The Trainer this stage runs (also what scripts/bench_train.py measures)."""
+    from transformers import DataCollatorForSeq2Seq, Trainer
+
+    return Trainer(model=model, args=training_args(cfg, checkpoints), train_dataset=dataset,
+                   data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding=True))
+
+
 def last_complete_checkpoint(checkpoints: Path) -> Path | None:
     """The newest checkpoint the Trainer finished writing (trainer_state.json is written last); a checkpoint a
     crash cut short is deleted so that the Trainer does not pick it up."""
@@ -81,8 +89,6 @@ def last_complete_checkpoint(checkpoints: Path) -> Path | None:
 
 
 def run(cfg: Config, work: Path, inputs: dict[str, Path]) -> dict:
-    from transformers import DataCollatorForSeq2Seq, Trainer
-
     base_dir = inputs["base"] / "nf4"
     tokenizer = load_tokenizer(base_dir)
     dataset, data_stats = build_dataset(cfg, tokenizer, work)
@@ -93,8 +99,7 @@ def run(cfg: Config, work: Path, inputs: dict[str, Path]) -> dict:
     last = last_complete_checkpoint(checkpoints)
     if last:
         log.info("resuming from %s", last.name)
-    trainer = Trainer(model=model, args=training_args(cfg, checkpoints), train_dataset=dataset,
-                      data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding=True))
+    trainer = build_trainer(cfg, model, tokenizer, dataset, checkpoints)
     result = trainer.train(resume_from_checkpoint=str(last) if last else None)
 
     model.save_pretrained(work / "adapter")
