@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Dict, Optional
 
 from hydra.core.config_store import ConfigStore
+
+from .distributed import world_size
 
 STAGES = ("base", "train", "merge", "gptq", "eval", "bench")
 RUNNABLE_STAGES = ("all",) + STAGES
@@ -43,6 +45,9 @@ class BaseConfig:
     quant_type: str = "nf4"
     double_quant: bool = True
     compute_dtype: str = "bfloat16"
+    # The dtype the packed 4-bit weights are stored in. FSDP needs it equal to the other weights' dtype
+    # (bfloat16) to shard them together; uint8 otherwise.
+    quant_storage: str = "uint8"
 
 
 @dataclass
@@ -125,9 +130,29 @@ class BenchConfig:
 
 
 @dataclass
+class LockConfig:
+    # A second process that needs an artifact another process is building waits for it (false: stops with a
+    # message naming the holder); timeout_s bounds the wait (null: no bound).
+    wait: bool = True
+    timeout_s: Optional[float] = None
+
+
+@dataclass
+class Resources:
+    """What one SLURM job of a stage asks for (read by conf/hydra/launcher/slurm.yaml)."""
+    gpus: int = 1  # also the number of tasks: one process per GPU
+    cpus_per_gpu: int = 8
+    mem_gb: int = 64
+    timeout_min: int = 240
+
+
+@dataclass
 class Config:
     stage: str = "all"
     experiment: str = "default"
+    # Set by `-m` sweeps to the point's overrides (e.g. "gptq.bits=3"): each point gets its own folder,
+    # ${output_dir}/${experiment}/${sweep_point}/.
+    sweep_point: str = ""
     output_dir: str = "outputs"
     force: bool = False
     seed: int = 0
@@ -140,6 +165,8 @@ class Config:
     gptq: GPTQConfig = field(default_factory=GPTQConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
+    lock: LockConfig = field(default_factory=LockConfig)
+    resources: Dict[str, Resources] = field(default_factory=dict)  # per stage, and "all", for SLURM jobs
 
 
 ConfigStore.instance().store(name="schema", node=Config)
@@ -159,6 +186,8 @@ def validate(cfg: Any) -> None:
     _check(cfg.merge.dtype in DTYPES, "merge.dtype", f"one of {DTYPES}", cfg.merge.dtype)
     _check(cfg.base.compute_dtype in DTYPES, "base.compute_dtype", f"one of {DTYPES}", cfg.base.compute_dtype)
     _check(cfg.base.quant_type in ("nf4", "fp4"), "base.quant_type", "nf4 or fp4", cfg.base.quant_type)
+    _check(cfg.base.quant_storage in ("uint8",) + DTYPES, "base.quant_storage", f"uint8 or one of {DTYPES}",
+           cfg.base.quant_storage)
     _check(cfg.data.max_seq_len > 0, "data.max_seq_len", "a positive integer", cfg.data.max_seq_len)
     _check(cfg.data.heldout_examples >= 0, "data.heldout_examples", "0 or more", cfg.data.heldout_examples)
     _check(cfg.data.builtin_examples > cfg.data.heldout_examples, "data.builtin_examples",
@@ -170,6 +199,8 @@ def validate(cfg: Any) -> None:
     _check(t.lora_alpha > 0, "train.lora_alpha", "a positive number", t.lora_alpha)
     _check(t.batch_size > 0 and t.grad_accum > 0, "train.batch_size/grad_accum", "positive integers",
            (t.batch_size, t.grad_accum))
+    _check(t.batch_size % world_size() == 0, "train.batch_size",
+           f"a multiple of the {world_size()} training processes (it is the global batch)", t.batch_size)
     _check(t.save_steps > 0, "train.save_steps", "a positive integer", t.save_steps)
     _check(t.target_modules == "all-linear" or (not isinstance(t.target_modules, str) and len(t.target_modules) > 0),
            "train.target_modules", "'all-linear' or a non-empty list of module names", t.target_modules)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import calendar
 import json
 import logging
+import os
 import random
 from pathlib import Path
 
@@ -34,10 +35,13 @@ def builtin_task(n: int, seed: int) -> list[dict]:
 
 
 def write_jsonl(rows: list[dict], path: Path) -> Path:
+    """Written whole, then renamed: under DDP every rank writes the same file and readers see one copy."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w") as f:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    with tmp.open("w") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
+    os.replace(tmp, path)
     return path
 
 

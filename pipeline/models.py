@@ -1,12 +1,14 @@
 """Model loading shared by every stage: where a model comes from, which device and dtype, NF4 settings."""
 from __future__ import annotations
 
+import json
 import logging
 from importlib import metadata
 from pathlib import Path
 
 import torch
 
+from . import distributed
 from .config import BaseConfig, ConfigError, ModelConfig
 
 log = logging.getLogger(__name__)
@@ -61,7 +63,9 @@ def device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
-def device_map() -> dict:
+def device_map() -> dict | None:
+    if distributed.fsdp():
+        return None  # FSDP places and shards the weights itself (rank 0 loads them, then they are scattered)
     # One process per device (DDP places each rank on its own GPU); CPU otherwise.
     return {"": device()}
 
@@ -106,6 +110,7 @@ def bnb_config(base: BaseConfig):
 
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=base.quant_type,
                               bnb_4bit_use_double_quant=base.double_quant,
+                              bnb_4bit_quant_storage=getattr(torch, base.quant_storage),
                               bnb_4bit_compute_dtype=torch_dtype(base.compute_dtype))
 
 
@@ -147,10 +152,34 @@ def artifact_paths(inputs: dict[str, Path]) -> dict[str, Path | str]:
     return paths
 
 
+# GPTQ kernels to try, in order, when loading a GPTQ checkpoint: the first that takes every layer wins. Not
+# GPTQModel's AUTO on CUDA: on Hopper it picks Machete, which downloads and builds CUTLASS at first use and
+# refuses layers with fewer than 128 outputs. On CPU AUTO picks the int4pack ATen kernel, which needs a group
+# size dividing every layer's input size; the portable torch kernel takes anything.
+GPTQ_KERNELS = {"cuda": ("gptq_marlin", "gptq_exllama_v2", "gptq_torch"), "cpu": ("auto", "gptq_torch")}
+
+
+def load_gptq(path: Path):
+    """A GPTQ checkpoint loaded with transformers, as users load it, on the fastest kernel that takes it."""
+    from transformers import AutoModelForCausalLM, GPTQConfig
+
+    bits = json.loads((path / "config.json").read_text())["quantization_config"]["bits"]
+    *preferred, portable = GPTQ_KERNELS[device().type]
+
+    def load(backend: str):
+        return AutoModelForCausalLM.from_pretrained(str(path), device_map=device_map(), use_safetensors=True,
+                                                    quantization_config=GPTQConfig(bits=bits, backend=backend))
+    for backend in preferred:
+        try:
+            return load(backend)
+        except (NotImplementedError, ValueError, RuntimeError) as err:
+            log.info("GPTQ kernel %s cannot load %s (%s); trying the next", backend, path.name,
+                     str(err).strip().splitlines()[0][:160])
+    return load(portable)
+
+
 def load_artifact(name: str, inputs: dict[str, Path], cfg):
     """One artifact of a run as a model on this process's device (qlora: the NF4 base with the adapter)."""
-    from transformers import AutoModelForCausalLM
-
     paths = artifact_paths(inputs)
     if name == "base16":
         return load_causal_lm(paths["base16"], cfg.model, cfg.model.dtype)
@@ -162,8 +191,7 @@ def load_artifact(name: str, inputs: dict[str, Path], cfg):
         return PeftModel.from_pretrained(model, paths["qlora"])
     if name == "merged":
         return load_causal_lm(paths["merged"], cfg.model, cfg.merge.dtype)
-    # GPTQ checkpoints (gptq, rtn) carry their quantization config; transformers picks the kernel via GPTQModel.
-    return AutoModelForCausalLM.from_pretrained(str(paths[name]), device_map=device_map(), use_safetensors=True)
+    return load_gptq(paths[name])  # gptq, rtn
 
 
 def artifact_disk_bytes(name: str, inputs: dict[str, Path]) -> int | None:

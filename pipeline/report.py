@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -139,5 +140,28 @@ def write(exp: Path) -> str | None:
     table = markdown(rows(evaluation, bench))
     images = plots(exp, evaluation, bench)
     text = [f"# Report: {exp.name}", "", table, "", *notes(bench), "", *[f"![{p.stem}]({p.name})" for p in images]]
-    (exp / "report.md").write_text("\n".join(text) + "\n")
+    tmp = exp / f".report.md.{os.getpid()}"  # two runs of one experiment may finish together
+    tmp.write_text("\n".join(text) + "\n")
+    os.replace(tmp, exp / "report.md")
+    return table
+
+
+def write_sweep(root: Path) -> str | None:
+    """`<experiment>/sweep.md`: the GPTQ checkpoint of every sweep point side by side, rewritten as points finish."""
+    lines = ["| sweep point | gptq ppl | merged ppl | gptq task acc | gptq decode tok/s | gptq size MB |",
+             "|---|---|---|---|---|---|"]
+    for point in sorted(p for p in root.iterdir() if (p / "report.md").is_file()):
+        by_name = {r["artifact"]: r for r in rows(_load(point / "eval" / "eval.json"),
+                                                   _load(point / "bench" / "bench.json"))}
+        gptq, merged = by_name.get("gptq", {}), by_name.get("merged", {})
+        size = gptq.get("size") and gptq["size"] / 1e6
+        lines.append(f"| [{point.name}]({point.name}/report.md) | {_cell(gptq.get('ppl'), None, '.2f')} | "
+                     f"{_cell(merged.get('ppl'), None, '.2f')} | {_cell(gptq.get('task'), None, '.1%', False)} | "
+                     f"{_cell(gptq.get('decode'), None, '.1f')} | {_cell(size, None, '.1f')} |")
+    if len(lines) == 2:
+        return None
+    table = "\n".join(lines)
+    tmp = root / f".sweep.md.{os.getpid()}"
+    tmp.write_text(f"# Sweep: {root.name}\n\n{table}\n")
+    os.replace(tmp, root / "sweep.md")
     return table

@@ -1,7 +1,10 @@
 """Runs the stages like make: a stage runs when its artifacts are missing or stale, or when forced.
 
 A stage's fingerprint hashes its slice of the config and its upstream stages' fingerprints, so changing
-`gptq.bits` reruns gptq (and what follows) and nothing before it.
+`gptq.bits` reruns gptq (and what follows) and nothing before it, and a sweep over `gptq.bits` trains once:
+artifacts live in a store keyed by fingerprint, shared by every experiment of the output directory.
+
+With several processes (DDP/FSDP), rank 0 builds every artifact; the other ranks join in the train stage only.
 """
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from . import __version__, preflight, report
+from . import __version__, distributed, preflight, report
 from .artifacts import StageDir, fingerprint
 from .config import STAGES, Config, validate
 from .models import source_identity
@@ -55,7 +58,11 @@ def plan(target: str) -> list[str]:
 
 
 def experiment_dir(cfg: Config) -> Path:
-    return Path(cfg.output_dir).resolve() / cfg.experiment
+    return Path(cfg.output_dir).resolve() / cfg.experiment / cfg.sweep_point
+
+
+def store_dir(cfg: Config) -> Path:
+    return Path(cfg.output_dir).resolve() / "store"
 
 
 @contextlib.contextmanager
@@ -73,37 +80,72 @@ def log_file(path: Path):
 
 
 def run(cfg: Config) -> dict[str, dict]:
-    """Bring `cfg.stage` up to date; returns {stage: {"status", "path"}} for the planned stages."""
+    """Bring `cfg.stage` up to date; returns {stage: {"status", "path"}} for the stages this process saw to."""
+    distributed.setup()
     validate(cfg)
     preflight.check(cfg)
     exp = experiment_dir(cfg)
-    with log_file(exp / "logs" / f"{time.strftime('%Y-%m-%d_%H-%M-%S')}.log"):
+    rank = "" if distributed.is_main() else f"-rank{distributed.rank()}"
+    with log_file(exp / "logs" / f"{time.strftime('%Y-%m-%d_%H-%M-%S')}{rank}.log"):
         return run_stages(cfg, exp)
+
+
+def build(cfg: Config, artifact: StageDir, upstream: dict[str, StageDir], together: bool, forced: bool) -> float | None:
+    """Build one stage's artifact unless it is up to date; returns the seconds it took, None if it was cached.
+
+    Rank 0 holds the artifact's lock, decides and writes; with `together`, the other ranks follow its
+    decision and compute alongside it (the train stage under DDP/FSDP)."""
+    main = distributed.is_main()
+    with artifact.locked(cfg.lock.wait, cfg.lock.timeout_s) if main else contextlib.nullcontext():
+        work = None
+        if main:
+            artifact.adopt(experiment_dir(cfg))
+            if forced or not artifact.is_fresh():
+                work = artifact.begin(resume=artifact.stage == "train")
+        if together:
+            work = distributed.broadcast(work)
+        if work is None:
+            return None
+        log.info("%s: running -> %s", artifact.stage, artifact.path)
+        module = importlib.import_module(f"pipeline.stages.{artifact.stage}")
+        start = time.perf_counter()
+        metrics = module.run(cfg, work, {up: a.path for up, a in upstream.items()})
+        seconds = time.perf_counter() - start
+        if main:
+            artifact.commit({"config": config_slice(cfg, artifact.stage), "seconds": round(seconds, 2),
+                             "upstream": {up: a.fingerprint for up, a in upstream.items()}, "metrics": metrics,
+                             "processes": distributed.world_size()})
+        return seconds
 
 
 def run_stages(cfg: Config, exp: Path) -> dict[str, dict]:
     prints = fingerprints(cfg)
+    artifacts = {stage: StageDir(store_dir(cfg), stage, prints[stage]) for stage in STAGES}
     forced = set(STAGES) if cfg.stage == "all" else {cfg.stage}
+    main = distributed.is_main()
     results: dict[str, dict] = {}
     for stage in plan(cfg.stage):
-        artifact = StageDir(exp, stage, prints[stage])
-        if artifact.is_fresh() and not (cfg.force and stage in forced):
-            log.info("%s: up to date, skipped (%s)", stage, artifact.path)
-            results[stage] = {"status": "cached", "path": artifact.path}
+        together = stage == "train"
+        if not (main or together):
+            if stage in UPSTREAM["train"]:
+                continue  # rank 0 builds it; this rank waits in the train stage for rank 0's word
+            break  # after training, rank 0 alone carries on
+        upstream = {up: artifacts[up] for up in UPSTREAM[stage]}
+        seconds = build(cfg, artifacts[stage], upstream, together, cfg.force and stage in forced)
+        if not main:
             continue
-        log.info("%s: running -> %s", stage, artifact.path)
-        work = artifact.begin(resume=stage == "train")
-        module = importlib.import_module(f"pipeline.stages.{stage}")
-        start = time.perf_counter()
-        metrics = module.run(cfg, work, {up: exp / up for up in UPSTREAM[stage]})
-        seconds = time.perf_counter() - start
-        artifact.commit({"config": config_slice(cfg, stage), "upstream": {up: prints[up] for up in UPSTREAM[stage]},
-                         "seconds": round(seconds, 2), "metrics": metrics})
-        log.info("%s: done in %.1f s (%s)", stage, seconds, artifact.path)
-        results[stage] = {"status": f"ran in {seconds:.1f} s", "path": artifact.path}
+        view = artifacts[stage].link(exp)
+        if seconds is None:
+            log.info("%s: up to date, skipped (%s)", stage, view)
+            results[stage] = {"status": "cached", "path": view}
+        else:
+            log.info("%s: done in %.1f s (%s)", stage, seconds, view)
+            results[stage] = {"status": f"ran in {seconds:.1f} s", "path": view}
     for stage, result in results.items():
         log.info("  %-6s %-16s %s", stage, result["status"], result["path"])
     if {"eval", "bench"} & set(results):
         table = report.write(exp)
         log.info("report: %s\n%s", exp / "report.md", table)
+        if cfg.sweep_point:
+            log.info("sweep so far: %s\n%s", exp.parent / "sweep.md", report.write_sweep(exp.parent))
     return results

@@ -65,12 +65,18 @@ def finished(tiny_model_dir, tmp_path_factory):
     return out, overrides, results
 
 
+def drop(exp: Path, stage: str) -> None:
+    """Delete a stage's artifact: its store entry and the experiment's link to it."""
+    shutil.rmtree((exp / stage).resolve())
+    (exp / stage).unlink()
+
+
 @pytest.fixture
 def copy_of(finished, tmp_path):
     """A private copy of the finished outputs, and a function that reruns the pipeline on it with overrides."""
     out, overrides, _ = finished
     mine = tmp_path / "outputs"
-    shutil.copytree(out, mine)
+    shutil.copytree(out, mine, symlinks=True)
 
     def rerun(*more: str):
         return run(compose_config(f"output_dir={mine}", *overrides, *more))

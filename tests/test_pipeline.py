@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import json
-import shutil
 from functools import partial
 
 import pytest
 
 from pipeline.artifacts import read_manifest
+
+from .conftest import drop
 
 STAGES = ("base", "train", "merge", "gptq", "eval", "bench")
 
@@ -24,7 +25,8 @@ def test_full_chain_writes_every_artifact(finished):
     for stage, manifest in manifests.items():
         assert manifest["stage"] == stage and manifest["seconds"] > 0
         assert all((exp / stage / name).stat().st_size == size for name, size in manifest["files"].items())
-    assert not list(exp.glob(".*.partial")), "no working directory is left behind"
+    assert not list((out / "store").glob(".*.partial")), "no working directory is left behind"
+    assert all((exp / stage).is_symlink() for stage in STAGES), "the experiment links to the store"
 
     base = manifests["base"]["metrics"]
     assert base["nf4_memory_bytes"] < base["sixteen_bit_memory_bytes"]
@@ -71,7 +73,7 @@ def test_force_reruns_the_named_stage_only(copy_of):
 
 def test_stage_alone_uses_cached_upstream(copy_of):
     exp, rerun = copy_of
-    shutil.rmtree(exp / "gptq")
+    drop(exp, "gptq")
     assert statuses(rerun("stage=gptq")) == {"base": "cached", "train": "cached", "merge": "cached", "gptq": "ran"}
 
 

@@ -25,7 +25,7 @@ def kill_after_first_checkpoint(overrides: list[str], out: Path) -> None:
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
-        if list(out.glob("default/.train.*.partial/checkpoints/checkpoint-*/trainer_state.json")):
+        if list(out.glob("store/.train-*.partial/checkpoints/checkpoint-*/trainer_state.json")):
             os.kill(proc.pid, signal.SIGKILL)
             break
         time.sleep(0.01)

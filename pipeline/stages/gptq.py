@@ -16,7 +16,7 @@ import torch
 
 from ..config import Config
 from ..data import calibration_windows, read_jsonl
-from ..models import device, load_tokenizer, meta_model, quantized_kernels
+from ..models import device, load_gptq, load_tokenizer, meta_model, quantized_kernels
 
 # GPTQModel sizes its CPU worker pool at import and crashes on 2-core machines unless told to use 2 or more.
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, os.cpu_count() or 2)))
@@ -52,20 +52,9 @@ def vllm_problems(desc_act: bool, group_size: int, in_features: set[int]) -> lis
     return problems
 
 
-def backend_for(group_size: int, in_features: set[int]):
-    """AUTO picks the fastest kernel for the device; on CPU that kernel (int4pack ATen) needs a dividing group
-    size, so fall back to the portable torch kernel otherwise."""
-    from gptqmodel.utils.backend import BACKEND
-
-    dividing = group_size == -1 or all(f % group_size == 0 for f in in_features)
-    return BACKEND.AUTO if torch.cuda.is_available() or dividing else BACKEND.GPTQ_TORCH
-
-
-def kernel_name(checkpoint: Path, backend) -> str:
-    """The kernel class GPTQModel selects when it loads the checkpoint on this device."""
-    from gptqmodel import GPTQModel
-
-    return ", ".join(quantized_kernels(GPTQModel.load(str(checkpoint), device=device(), backend=backend)))
+def kernel_name(checkpoint: Path) -> str:
+    """The kernel class(es) that loading the checkpoint with transformers, as eval and users do, uses here."""
+    return ", ".join(quantized_kernels(load_gptq(checkpoint)))
 
 
 def group_size_for(cfg: Config, merged: Path) -> tuple[int, set[int]]:
@@ -107,7 +96,5 @@ def run(cfg: Config, work: Path, inputs: dict[str, Path]) -> dict:
                               damp_percent=g.damp_percent, offload_to_disk_path=str(work.resolve() / "offload"))
     quantize(cfg, merged, work, quant_config, calibration)
 
-    backend = backend_for(group_size, in_features)
     return {"group_size": group_size, "calibration_windows": len(windows), "layer_in_features": sorted(in_features),
-            "vllm_compatible": not problems, "vllm_problems": problems, "backend": backend.value,
-            "kernel": kernel_name(work, backend)}
+            "vllm_compatible": not problems, "vllm_problems": problems, "kernel": kernel_name(work)}

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from .. import distributed
 from ..config import Config, ConfigError
 from ..data import load_rows, split_rows, tokenize_chat, write_jsonl
 from ..models import load_causal_lm, load_tokenizer
@@ -41,8 +42,16 @@ def build_model(cfg: Config, base_dir: Path):
     from transformers import set_seed
 
     model = load_causal_lm(base_dir, cfg.model, cfg.base.compute_dtype)
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.train.gradient_checkpointing,
-                                            gradient_checkpointing_kwargs={"use_reentrant": False})
+    checkpointing = {"gradient_checkpointing_kwargs": {"use_reentrant": False}}
+    if distributed.fsdp():
+        # FSDP flattens each block into one tensor of one dtype: keep the norms in the storage dtype instead of
+        # the float32 that prepare_model_for_kbit_training gives them (the LoRA layers get their own units).
+        if cfg.train.gradient_checkpointing:
+            model.gradient_checkpointing_enable(**checkpointing)
+        model.enable_input_require_grads()
+    else:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.train.gradient_checkpointing,
+                                                **checkpointing)
     lora = LoraConfig(r=cfg.train.lora_r, lora_alpha=cfg.train.lora_alpha, lora_dropout=cfg.train.lora_dropout,
                       target_modules=cfg.train.target_modules if isinstance(cfg.train.target_modules, str)
                       else list(cfg.train.target_modules), task_type="CAUSAL_LM")
@@ -57,12 +66,14 @@ def training_args(cfg: Config, checkpoints: Path):
     bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     return TrainingArguments(
         output_dir=str(checkpoints), max_steps=t.max_steps, learning_rate=t.lr,
-        per_device_train_batch_size=t.batch_size, gradient_accumulation_steps=t.grad_accum,
+        # train.batch_size is the global batch: the same optimization on 1 GPU or N.
+        per_device_train_batch_size=t.batch_size // distributed.world_size(), gradient_accumulation_steps=t.grad_accum,
         warmup_steps=t.warmup_steps, lr_scheduler_type=t.lr_scheduler, weight_decay=t.weight_decay,
         logging_steps=t.logging_steps, save_steps=t.save_steps, save_total_limit=2,
         seed=cfg.seed, data_seed=cfg.seed, bf16=bf16, fp16=torch.cuda.is_available() and not bf16,
         use_cpu=not torch.cuda.is_available(), optim="adamw_torch", report_to=[],
         remove_unused_columns=False, gradient_checkpointing=False,  # already enabled by the k-bit preparation
+        ddp_find_unused_parameters=False,  # every LoRA weight gets a gradient; the search costs a pass
         dataloader_num_workers=0)
 
 
@@ -96,13 +107,18 @@ def run(cfg: Config, work: Path, inputs: dict[str, Path]) -> dict:
     model.print_trainable_parameters()
 
     checkpoints = work / "checkpoints"
-    last = last_complete_checkpoint(checkpoints)
+    last = distributed.broadcast(last_complete_checkpoint(checkpoints) if distributed.is_main() else None)
     if last:
         log.info("resuming from %s", last.name)
     trainer = build_trainer(cfg, model, tokenizer, dataset, checkpoints)
     result = trainer.train(resume_from_checkpoint=str(last) if last else None)
 
-    model.save_pretrained(work / "adapter")
+    if trainer.is_fsdp_enabled:  # gather the sharded adapter weights for saving
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+    trainer.save_model(str(work / "adapter"))  # rank 0 writes (the Trainer knows DDP/FSDP)
+    if not distributed.is_main():
+        return {}
+    (work / "adapter" / "training_args.bin").unlink(missing_ok=True)  # a pickle, and the manifest has the config
     history = [{k: e[k] for k in ("step", "loss", "learning_rate") if k in e}
                for e in trainer.state.log_history if "loss" in e]
     (work / "loss.json").write_text(json.dumps(history, indent=1))
