@@ -167,8 +167,9 @@ def load_gptq(path: Path):
     *preferred, portable = GPTQ_KERNELS[device().type]
 
     def load(backend: str):
+        kernel = {} if backend == "auto" else {"quantization_config": GPTQConfig(bits=bits, backend=backend)}
         return AutoModelForCausalLM.from_pretrained(str(path), device_map=device_map(), use_safetensors=True,
-                                                    quantization_config=GPTQConfig(bits=bits, backend=backend))
+                                                    **kernel)
     for backend in preferred:
         try:
             return load(backend)
