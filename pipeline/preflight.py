@@ -3,6 +3,7 @@ right shape, the output directory is writable and has room."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -73,7 +74,7 @@ def check_data_file(source: str) -> None:
 def check_output_dir(output_dir: str, needed_bytes: int) -> None:
     root = Path(output_dir)
     existing = next((p for p in [root, *root.parents] if p.exists()), Path("."))
-    probe = existing / ".pipeline-write-test"
+    probe = existing / f".pipeline-write-test-{os.getpid()}"  # per process: concurrent runs probe together
     try:
         probe.touch()
         probe.unlink()
