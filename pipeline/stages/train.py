@@ -113,9 +113,11 @@ def run(cfg: Config, work: Path, inputs: dict[str, Path]) -> dict:
     trainer = build_trainer(cfg, model, tokenizer, dataset, checkpoints)
     result = trainer.train(resume_from_checkpoint=str(last) if last else None)
 
-    if trainer.is_fsdp_enabled:  # gather the sharded adapter weights for saving
+    if trainer.is_fsdp_enabled:  # the adapter is sharded: the Trainer gathers it, rank 0 writes it
         trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
-    trainer.save_model(str(work / "adapter"))  # rank 0 writes (the Trainer knows DDP/FSDP)
+        trainer.save_model(str(work / "adapter"))
+    elif distributed.is_main():
+        model.save_pretrained(work / "adapter")
     if not distributed.is_main():
         return {}
     (work / "adapter" / "training_args.bin").unlink(missing_ok=True)  # a pickle, and the manifest has the config
