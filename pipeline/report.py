@@ -132,6 +132,13 @@ def notes(bench: dict) -> list[str]:
             f"Device: {where} ({device['threads']} threads{cuda}), torch {device['torch']}."]
 
 
+def _replace(path: Path, text: str) -> None:
+    """Write whole, then rename: runs of one experiment, or sweep points, may finish together."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def write(exp: Path) -> str | None:
     """Write report.md and the plots from whatever eval.json / bench.json exist; returns the table."""
     evaluation, bench = _load(exp / "eval" / "eval.json"), _load(exp / "bench" / "bench.json")
@@ -140,9 +147,7 @@ def write(exp: Path) -> str | None:
     table = markdown(rows(evaluation, bench))
     images = plots(exp, evaluation, bench)
     text = [f"# Report: {exp.name}", "", table, "", *notes(bench), "", *[f"![{p.stem}]({p.name})" for p in images]]
-    tmp = exp / f".report.md.{os.getpid()}"  # two runs of one experiment may finish together
-    tmp.write_text("\n".join(text) + "\n")
-    os.replace(tmp, exp / "report.md")
+    _replace(exp / "report.md", "\n".join(text) + "\n")
     return table
 
 
@@ -161,7 +166,5 @@ def write_sweep(root: Path) -> str | None:
     if len(lines) == 2:
         return None
     table = "\n".join(lines)
-    tmp = root / f".sweep.md.{os.getpid()}"
-    tmp.write_text(f"# Sweep: {root.name}\n\n{table}\n")
-    os.replace(tmp, root / "sweep.md")
+    _replace(root / "sweep.md", f"# Sweep: {root.name}\n\n{table}\n")
     return table
