@@ -114,6 +114,49 @@ def bnb_config(base: BaseConfig):
                               bnb_4bit_compute_dtype=torch_dtype(base.compute_dtype))
 
 
+def nf4_layers(model) -> list:
+    """The bitsandbytes 4-bit linear layers of a model."""
+    import bitsandbytes as bnb
+
+    return [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+
+
+def repacked_for_cpu(layer) -> bool:
+    """Whether bitsandbytes has repacked the layer's 4-bit weights into its CPU inference layout.
+
+    On a CPU with AVX512-BF16, the first forward in eval mode without gradients (bitsandbytes 0.50
+    `Linear4bit.forward`) rewrites `weight.data` in place into a layout of its own and rounds the block scales
+    to bf16; from then on the layer computes in bf16, and `weight.data` no longer reads as standard NF4.
+    Only `state_dict()` converts it back, and the scales stay rounded. So the weights are read from a freshly
+    loaded model, before any forward pass."""
+    return bool(getattr(layer.weight.quant_state, "packing_format_for_cpu", False))
+
+
+def nf4_in_float32(model, cpu_packing: bool = False):
+    """An NF4 model that computes in float32 throughout: the unquantized weights (norms, embeddings) cast to
+    float32, which is exact for 16-bit values, and every 4-bit layer dequantizing to float32 (its quant state
+    says bf16, which would round W_nf4) and computing in float32. Without `cpu_packing` the 4-bit layers keep the
+    standard layout and the float32 computation on CPUs with AVX512-BF16 too."""
+    for param in model.parameters():
+        if param.is_floating_point() and param.dtype != torch.float32:
+            param.data = param.data.float()
+    for layer in nf4_layers(model):
+        layer.compute_dtype = layer.weight.quant_state.dtype = torch.float32
+        layer.support_avx512bf16_for_cpu = cpu_packing and layer.support_avx512bf16_for_cpu
+    return model
+
+
+def nf4_weight(layer) -> torch.Tensor:
+    """dequant(W_nf4) of one 4-bit layer as float32, refusing weights bitsandbytes has repacked (see
+    repacked_for_cpu)."""
+    import bitsandbytes.functional as bnbf
+
+    if repacked_for_cpu(layer):
+        raise RuntimeError("the 4-bit weights were repacked by bitsandbytes' CPU inference kernel during a forward "
+                           "pass: read them from a freshly loaded model, before any forward pass")
+    return bnbf.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
+
+
 def load_causal_lm(path: str | Path, model: ModelConfig, dtype: str, quantization_config=None):
     """A causal LM on this process's device. A saved NF4 checkpoint carries its own quantization config."""
     from transformers import AutoModelForCausalLM

@@ -1,34 +1,86 @@
-"""Merge exactness: the merged checkpoint reproduces NF4 base + adapter, which merging into the original
-16-bit weights (the common mistake, peft#2105) does not."""
+"""Merge correctness on every CPU class: the merged checkpoint reproduces NF4 base + adapter, which merging into
+the original 16-bit weights (the common mistake, peft#2105) does not, whichever path bitsandbytes computes on.
+
+bitsandbytes repacks 4-bit weights in place on an eval forward where the CPU has AVX512-BF16 and then computes in
+bf16. The tests below run both paths where they can: the float32 path everywhere (the packed kernel switched
+off), bf16 compute everywhere, and the packed kernel itself where the CPU has the instruction (elsewhere
+bitsandbytes has no kernel for that layout). The repacking itself is bitsandbytes' own function, run on any CPU.
+"""
 from __future__ import annotations
 
+import bitsandbytes.functional as bnbf
+import pytest
 import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from pipeline.artifacts import read_manifest
-from pipeline.models import load_tokenizer
-from pipeline.stages.merge import compare, probe_batch, probe_logits, qlora_in_float32
+from pipeline.models import load_causal_lm, load_tokenizer, nf4_layers, nf4_weight, repacked_for_cpu
+from pipeline.stages.merge import (MergeMismatch, check, compute_dtype, merged_in_float32, probe_batch,
+                                   probe_logits, qlora_reference)
 
 from .conftest import compose_config
 
+HAS_AVX512_BF16 = bool(bnbf.has_avx512bf16())
 
-def test_merge_is_exact_in_float32(finished):
+
+def test_merge_check_is_exact(finished):
     out, _, _ = finished
-    probe = read_manifest(out / "default" / "merge")["metrics"]["probe_float32"]
-    assert probe["argmax_agreement"] == 1.0 and probe["mean_abs_logit_diff"] < 1e-4, probe
+    result = read_manifest(out / "default" / "merge")["metrics"]["check"]
+    assert result["mode"].startswith("exact") and result["reference_compute_dtype"] == "float32", result
+    assert result["argmax_agreement"] == 1.0 and result["mean_abs_logit_diff"] < 1e-4, result
 
 
-def test_merged_checkpoint_is_nf4_plus_adapter_not_original_plus_adapter(finished, tiny_model_dir):
+@pytest.mark.parametrize("reference_path", ["float32", "bfloat16", "packed_cpu_kernel"])
+def test_check_passes_the_merge_and_catches_merging_into_the_16bit_weights(finished, tiny_model_dir,
+                                                                           reference_path):
+    if reference_path == "packed_cpu_kernel" and not HAS_AVX512_BF16:
+        pytest.skip("bitsandbytes computes on its packed CPU layout only where the CPU has AVX512-BF16")
     out, overrides, _ = finished
-    exp = out / "default"
-    adapter = exp / "train" / "adapter"
-    batch = probe_batch(load_tokenizer(exp / "merge"), exp / "train", 8)
-    reference = probe_logits(qlora_in_float32(compose_config(*overrides), exp / "base" / "nf4", adapter), batch)
+    cfg, exp = compose_config(*overrides), out / "default"
+    nf4, adapter = exp / "base" / "nf4", exp / "train" / "adapter"
+    batch = probe_batch(load_tokenizer(nf4), exp / "train", 8)
 
-    merged = AutoModelForCausalLM.from_pretrained(exp / "merge", dtype=torch.float32)
+    merged = merged_in_float32(cfg, nf4, adapter)
+    reference = qlora_reference(cfg, nf4, adapter, cpu_packing=reference_path == "packed_cpu_kernel")
+    if reference_path == "bfloat16":
+        for layer in nf4_layers(reference):
+            layer.compute_dtype = torch.bfloat16
+    reference_logits = probe_logits(reference, batch)
+    dtype = compute_dtype(reference)
+    assert dtype == (torch.float32 if reference_path == "float32" else torch.bfloat16)
+    assert all(repacked_for_cpu(layer) for layer in nf4_layers(reference)) == (reference_path == "packed_cpu_kernel")
+
+    result = check(cfg, reference_logits, dtype, merged, batch)
+    assert result["mode"].startswith("exact" if reference_path == "float32" else "tolerance"), result
+
     original = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     wrong = PeftModel.from_pretrained(original, adapter).merge_and_unload()
-    good, bad = compare(reference, probe_logits(merged, batch)), compare(reference, probe_logits(wrong, batch))
-    assert good["argmax_agreement"] >= 0.99
-    assert good["mean_abs_logit_diff"] < 0.25 * bad["mean_abs_logit_diff"], (good, bad)
+    with pytest.raises(MergeMismatch):
+        check(cfg, reference_logits, dtype, wrong, batch)
+
+
+def test_repacked_nf4_weights_are_refused_not_misread(finished):
+    out, overrides, _ = finished
+    cfg = compose_config(*overrides)
+    model = load_causal_lm(out / "default" / "base" / "nf4", cfg.model, "float32")
+    layer = nf4_layers(model)[0]
+    exact = nf4_weight(layer)
+
+    # What an eval forward does to the weights on CPUs with AVX512-BF16, through bitsandbytes' own function.
+    layer.weight.data, layer.weight.quant_state = bnbf._convert_weight_packed_for_cpu(layer.weight.data,
+                                                                                      layer.weight.quant_state)
+    misread = bnbf.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
+    assert (misread - exact).abs().mean() > 0.5 * exact.abs().mean(), "read as NF4, the packed bytes are garbage"
+    with pytest.raises(RuntimeError, match="repacked"):
+        nf4_weight(layer)
+
+
+def test_an_eval_forward_repacks_exactly_where_the_cpu_has_avx512_bf16(finished):
+    """The premise of the tests above, checked on the machine they run on."""
+    out, overrides, _ = finished
+    cfg = compose_config(*overrides)
+    model = load_causal_lm(out / "default" / "base" / "nf4", cfg.model, "bfloat16").eval()
+    with torch.no_grad():
+        model(input_ids=torch.tensor([[1, 2, 3]]))
+    assert {repacked_for_cpu(layer) for layer in nf4_layers(model)} == {HAS_AVX512_BF16}

@@ -34,7 +34,7 @@ def test_full_chain_writes_every_artifact(finished):
     assert train["steps"] == 12 and train["final_loss"] < train["first_loss"] - 0.4
     assert (exp / "train" / "adapter" / "adapter_model.safetensors").is_file()
     assert len((exp / "train" / "data" / "heldout.jsonl").read_text().splitlines()) == 16
-    assert manifests["merge"]["metrics"]["probe_float32"]["argmax_agreement"] == 1.0
+    assert manifests["merge"]["metrics"]["check"]["argmax_agreement"] == 1.0
 
     gptq = json.loads((exp / "gptq" / "config.json").read_text())["quantization_config"]
     assert gptq["quant_method"] == "gptq" and gptq["bits"] == 4 and gptq["desc_act"] is False

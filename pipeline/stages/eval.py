@@ -15,7 +15,8 @@ import torch
 
 from ..config import Config, ConfigError
 from ..data import pydoc_texts, read_jsonl, token_windows
-from ..models import artifact_disk_bytes, device, artifact_paths, load_artifact, load_tokenizer, quantized_kernels
+from ..models import (artifact_disk_bytes, artifact_paths, device, load_artifact, load_tokenizer, nf4_weight,
+                      quantized_kernels)
 from ..quality import exact_match, perplexity
 from . import gptq
 
@@ -57,8 +58,7 @@ def dense_weight(name: str, model, gptq_dir: Path, layer: str) -> torch.Tensor |
     module = dict(model.named_modules()).get(layer)
     weight = getattr(module, "weight", None)
     if weight is not None and hasattr(weight, "quant_state"):
-        import bitsandbytes.functional as bnbf
-        return bnbf.dequantize_4bit(weight.data, weight.quant_state).float()
+        return nf4_weight(module)
     return weight.float() if weight is not None else None
 
 
@@ -95,19 +95,17 @@ def run(cfg: Config, work: Path, inputs: dict[str, Path]) -> dict:
         log.info("eval: %s", name)
         model = load_artifact(name, inputs, cfg)
         model.eval()
-        results[name] = {
-            "ppl": perplexity(model, windows),
-            "task_accuracy": exact_match(model, tokenizer, chats, max_new_tokens=e.max_new_tokens,
-                                         batch_size=e.batch_size) if chats else None,
-            "disk_bytes": artifact_disk_bytes(name, inputs),
-            "param_bytes": model.get_memory_footprint(),
-            "kernels": quantized_kernels(model),
-        }
-        log.info("eval: %s ppl %.2f, task accuracy %s", name, results[name]["ppl"], results[name]["task_accuracy"])
+        # Weights and memory first: on CPUs with AVX512-BF16 the first forward repacks NF4 weights in place.
+        results[name] = {"disk_bytes": artifact_disk_bytes(name, inputs), "param_bytes": model.get_memory_footprint(),
+                         "kernels": quantized_kernels(model)}
         if name in HISTOGRAM_ARTIFACTS:
             dense = dense_weight(name, model, inputs["gptq"], e.histogram_layer)
             if dense is not None:
                 weights[name] = dense.flatten().cpu()
+        results[name]["ppl"] = perplexity(model, windows)
+        results[name]["task_accuracy"] = exact_match(model, tokenizer, chats, max_new_tokens=e.max_new_tokens,
+                                                     batch_size=e.batch_size) if chats else None
+        log.info("eval: %s ppl %.2f, task accuracy %s", name, results[name]["ppl"], results[name]["task_accuracy"])
         del model
 
     report = {"ppl_source": e.ppl_source, "ppl_windows": len(windows), "ppl_seq_len": e.ppl_seq_len,
