@@ -85,6 +85,14 @@ def split_rows(ds, heldout: int, seed: int):
     return parts["train"], parts["test"]
 
 
+# The chat template for tokenizers that have none (base models, GPT-NeoX-style tokenizers): Zephyr's plain-text
+# role markers, every turn ended by the tokenizer's EOS token, so that the fine-tuned model learns to stop on the
+# token that transformers and vLLM stop generation on. It is saved with every checkpoint the pipeline writes.
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|' + message['role'] + '|>\n' + message['content'] + eos_token + '\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}")
+
+
 def chat_prompt(tokenizer, messages: list[dict]) -> str:
     """The prompt a model sees before it answers the last message (the generation prompt included)."""
     return tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=False)

@@ -10,6 +10,7 @@ import torch
 
 from . import distributed
 from .config import BaseConfig, ConfigError, ModelConfig
+from .data import DEFAULT_CHAT_TEMPLATE
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,12 @@ def load_tokenizer(path: str | Path, model: ModelConfig | None = None):
     tokenizer = AutoTokenizer.from_pretrained(
         str(path), trust_remote_code=bool(model and model.trust_remote_code),
         revision=model.revision if model else None)
+    if tokenizer.chat_template is None:
+        if tokenizer.eos_token is None:
+            raise ConfigError(f"{path}: the tokenizer has neither a chat template nor an EOS token to end turns with")
+        log.warning("%s: the tokenizer has no chat template; using the default one (turns end with %s), which is "
+                    "saved with the adapter, merged and GPTQ checkpoints", path, tokenizer.eos_token)
+        tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from importlib import metadata
 from pathlib import Path
 
-from .config import ConfigError
+from .config import ConfigError, ModelConfig
 from .models import gguf_file
 
 GIB = 2**30
@@ -41,6 +42,25 @@ def check_model(name_or_path: str, allow_pickle: bool = False, trust_remote_code
     if not allow_pickle and not list(local.glob("*.safetensors")):
         raise ConfigError(f"model.name_or_path={name_or_path!r}: no .safetensors weights; pickled weights (.bin, .pt) "
                           "can run code when loaded: convert them, or set model.allow_pickle=true if you trust them")
+
+
+def check_gptq_support(model: ModelConfig) -> None:
+    """GPTQModel knows the architecture: it quantizes layer by layer along a per-architecture definition (for an
+    unknown one it guesses the layer tree, which is not something to find out after training)."""
+    from gptqmodel.models.auto import MODEL_MAP
+    from transformers import AutoConfig
+
+    gguf = gguf_file(model.name_or_path)
+    try:
+        config = (AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name) if gguf is not None else
+                  AutoConfig.from_pretrained(model.name_or_path, trust_remote_code=model.trust_remote_code,
+                                             revision=model.revision))
+    except OSError:
+        return  # a hub id that cannot be reached from here: the base stage reports that
+    if config.model_type not in MODEL_MAP:
+        raise ConfigError(f"model.name_or_path={model.name_or_path!r}: model_type {config.model_type!r} is not "
+                          f"supported by GPTQModel {metadata.version('gptqmodel')} (gptqmodel.models.auto.MODEL_MAP "
+                          "lists what is), so the gptq stage cannot quantize it; stage=train and stage=merge work")
 
 
 def check_data_file(source: str) -> None:

@@ -123,6 +123,8 @@ def run_stages(cfg: Config, exp: Path) -> dict[str, dict]:
     artifacts = {stage: StageDir(store_dir(cfg), stage, prints[stage]) for stage in STAGES}
     forced = set(STAGES) if cfg.stage == "all" else {cfg.stage}
     main = distributed.is_main()
+    if main and "gptq" in plan(cfg.stage) and not artifacts["gptq"].is_fresh():
+        preflight.check_gptq_support(cfg.model)  # before training a model that could not be quantized
     results: dict[str, dict] = {}
     for stage in plan(cfg.stage):
         together = stage == "train"

@@ -1,4 +1,5 @@
-"""Fixtures: a tiny 2-layer Llama with a BPE tokenizer trained on pydoc text, and Hydra-composed configs."""
+"""Fixtures: tiny 2-layer models of several architectures with a BPE tokenizer trained on pydoc text, and
+Hydra-composed configs."""
 from __future__ import annotations
 
 import shutil
@@ -28,31 +29,59 @@ def compose_config(*overrides: str):
         return compose(config_name="config", overrides=list(overrides))
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory) -> Path:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+# Tiny shapes of the families a user brings. GPT-NeoX and Phi keep their separate LM heads; Gemma's default head
+# size (256) is cut to the tiny width.
+ARCHITECTURES = {
+    "llama": {"num_key_value_heads": 2, "tie_word_embeddings": True},
+    "qwen2": {"num_key_value_heads": 2, "tie_word_embeddings": True},
+    "mistral": {"num_key_value_heads": 2, "sliding_window": None},
+    "gemma": {"num_key_value_heads": 2, "head_dim": 32},
+    "phi": {"partial_rotary_factor": 0.5},
+    "gpt_neox": {"rotary_pct": 0.25},
+}
 
-    out = tmp_path_factory.mktemp("tiny-llama")
+
+def train_tokenizer(chat_template: bool):
+    """A byte-level BPE on pydoc text and the built-in task. With a chat template: ChatML tokens, as SmolLM2 and
+    Qwen2 have them; without: a GPT-NeoX-style tokenizer whose only special token is <|endoftext|>."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
     texts = pydoc_texts(heldout=False)[:200] + [
         f"{m['content']}" for row in builtin_task(500, seed=1) for m in to_messages(row)]
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] if chat_template else ["<|endoftext|>"]
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(texts, trainers.BpeTrainer(
-        vocab_size=1024, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=1024, special_tokens=specials,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    if not chat_template:
+        return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
+                                       unk_token="<|endoftext|>")
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                         bos_token="<|im_start|>")
     tokenizer.chat_template = CHATML
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id)
+    return tokenizer
+
+
+def build_tiny_model(out: Path, architecture: str = "llama", chat_template: bool = True) -> Path:
+    """A 2-layer model of `architecture` with random weights in bf16 and a trained tokenizer, saved to `out`."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    tokenizer = train_tokenizer(chat_template)
+    config = AutoConfig.for_model(
+        architecture, vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=512, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, **ARCHITECTURES[architecture])
     torch.manual_seed(0)
-    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(out)
+    AutoModelForCausalLM.from_config(config).to(torch.bfloat16).save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
 
 
 @pytest.fixture(scope="session")

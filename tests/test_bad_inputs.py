@@ -16,6 +16,8 @@ BAD_MODELS = {
     "remote-code": {"config.json": json.dumps({"model_type": "mine", "auto_map": {"AutoModelForCausalLM": "m.M"}}),
                     "m.py": "raise SystemExit('remote code ran')"},
     "pickle-only": {"config.json": json.dumps({"model_type": "llama"}), "pytorch_model.bin": "not really"},
+    # A causal LM that transformers knows and GPTQModel 7.6 does not: refused before the base stage runs.
+    "unsupported": {"config.json": json.dumps({"model_type": "olmo"}), "model.safetensors": "never read"},
 }
 BAD_DATA = {
     "empty.jsonl": "",
@@ -50,6 +52,7 @@ CASES = [
     ("model.name_or_path={tmp}/no-config", "no readable config.json, not an HF model directory"),
     ("model.name_or_path={tmp}/not-causal", "model_type 'vit' is not a causal language model"),
     ("model.name_or_path={tmp}/pickle-only", "no .safetensors weights; pickled weights"),
+    ("model.name_or_path={tmp}/unsupported", "model_type 'olmo' is not supported by GPTQModel"),
     ("model.name_or_path={tmp}/remote-code", "the model ships its own Python code (auto_map in config.json)"),
     ("model.name_or_path=package:no-such-dist", "the package 'no-such-dist' is not installed"),
     ("data.source={tmp}/missing.jsonl", "missing.jsonl': no such file"),

@@ -62,6 +62,18 @@ def group_size_for(cfg: Config, merged: Path) -> tuple[int, set[int]]:
     return choose_group_size(cfg.gptq.group_size, in_features), in_features
 
 
+def offload_finds_the_head(merged: Path, trust_remote_code: bool) -> bool:
+    """Whether GPTQModel's model definition names the LM head as transformers does. Its disk offload looks the
+    head up by that name when saving; where the name is stale (its GPT-NeoX definition says `embed_out`,
+    transformers 5 says `lm_head`) saving fails with "Offloaded tensor 'lm_head.weight' not found"."""
+    from gptqmodel.models.auto import check_and_get_model_definition
+
+    model = meta_model(merged, trust_remote_code)
+    head = model.get_output_embeddings()
+    names = [name for name, module in model.named_modules() if module is head]
+    return check_and_get_model_definition(str(merged), trust_remote_code=trust_remote_code).lm_head in names
+
+
 def quantize(cfg: Config, merged: Path, out: Path, quant_config, calibration: list[dict] | None) -> None:
     """Quantize the merged checkpoint with GPTQModel (GPTQ with calibration data, RTN without) into `out`.
     `quant_config` offloads to `out / "offload"` (GPTQModel's default is the system temp dir)."""
@@ -70,6 +82,10 @@ def quantize(cfg: Config, merged: Path, out: Path, quant_config, calibration: li
 
     merged, out = merged.resolve(), out.resolve()  # GPTQModel reads the weights lazily, from inside the chdir below
     out.mkdir(parents=True, exist_ok=True)
+    if not offload_finds_the_head(merged, cfg.model.trust_remote_code):
+        log.info("gptq: GPTQModel's definition of this model names its LM head differently from transformers: "
+                 "quantizing without disk offload (the finished layers stay in memory)")
+        quant_config.offload_to_disk = False
     set_seed(cfg.seed)
     model = GPTQModel.load(str(merged), quant_config, device=device(), trust_remote_code=cfg.model.trust_remote_code)
     with contextlib.chdir(out):  # GPTQModel writes its per-layer stats to ./logs: keep them with the artifact

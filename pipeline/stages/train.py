@@ -121,6 +121,9 @@ def run(cfg: Config, work: Path, inputs: dict[str, Path]) -> dict:
     if not distributed.is_main():
         return {}
     (work / "adapter" / "training_args.bin").unlink(missing_ok=True)  # a pickle, and the manifest has the config
+    # The format the adapter was trained on, for whoever serves it on the base model (the default template when
+    # the tokenizer has none: see data.DEFAULT_CHAT_TEMPLATE).
+    (work / "adapter" / "chat_template.jinja").write_text(tokenizer.chat_template)
     history = [{k: e[k] for k in ("step", "loss", "learning_rate") if k in e}
                for e in trainer.state.log_history if "loss" in e]
     (work / "loss.json").write_text(json.dumps(history, indent=1))
