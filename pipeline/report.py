@@ -31,7 +31,10 @@ def _batch1(bench: dict) -> dict | None:
     return min(runs, key=lambda r: r["new_tokens"]) if runs else None
 
 
-def rows(evaluation: dict, bench: dict) -> list[dict]:
+SERVED = "gptq (vLLM)"
+
+
+def rows(evaluation: dict, bench: dict, served: dict | None = None) -> list[dict]:
     names = list(dict.fromkeys([*evaluation.get("artifacts", {}), *bench.get("artifacts", {})]))
     table = []
     for name in names:
@@ -45,6 +48,13 @@ def rows(evaluation: dict, bench: dict) -> list[dict]:
             "decode": single["decode_tok_s"]["median"] if single else None,
             "roofline": b.get("roofline_fraction"),
             "peak": single["peak_memory_bytes"] if single else None})
+    if served:  # the deployed checkpoint: speed at concurrency 1 (time to first token, streamed output tok/s)
+        single = next((level for level in served["load"] if level["concurrency"] == 1), None)
+        gptq = next((r for r in table if r["artifact"] == "gptq"), {})
+        table.append({"artifact": SERVED, "size": gptq.get("size"), "params": None, "ppl": None,
+                      "task": served["task_accuracy"],
+                      "prefill": single["ttft_s"]["p50"] * 1e3 if single and single["ttft_s"] else None,
+                      "decode": single["output_tok_s"] if single else None, "roofline": None, "peak": None})
     return table
 
 
@@ -139,14 +149,39 @@ def _replace(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def write(exp: Path) -> str | None:
-    """Write report.md and the plots from whatever eval.json / bench.json exist; returns the table."""
+def serving(served: dict, not_run: dict[str, str]) -> list[str]:
+    """The deployment check: answers through vLLM against transformers', and the server under load."""
+    if not served:
+        return [f"Served (vLLM): not served ({not_run['serve']})." if "serve" in not_run else
+                "Served (vLLM): not served (stage=serve did not run)."]
+    lines = [f"Served (vLLM, {served['server']['vllm']}): task accuracy {_cell(served['task_accuracy'], None, '.1%', False)}"
+             f" through the server vs {_cell(served['transformers_task_accuracy'], None, '.1%', False)} with "
+             f"transformers on the same checkpoint; the answers agree on "
+             f"{_cell(served['agreement_with_transformers'], None, '.1%', False)} of {served['task_examples']} prompts. "
+             f"Its row above: prefill is the time to first token and decode the streamed output tok/s of one request "
+             f"at a time.",
+             "", "| concurrency | requests | output tok/s | TTFT p50 ms | TTFT p95 ms | latency p50 s | latency p95 s |",
+             "|---|---|---|---|---|---|---|"]
+    for level in served["load"]:
+        ttft = level["ttft_s"] or {}
+        lines.append(f"| {level['concurrency']} | {level['requests']} | {level['output_tok_s']:.1f} | "
+                     f"{_cell(ttft.get('p50') and ttft['p50'] * 1e3, None, '.0f')} | "
+                     f"{_cell(ttft.get('p95') and ttft['p95'] * 1e3, None, '.0f')} | "
+                     f"{level['latency_s']['p50']:.2f} | {level['latency_s']['p95']:.2f} |")
+    return lines
+
+
+def write(exp: Path, not_run: dict[str, str] | None = None) -> str | None:
+    """Write report.md and the plots from whatever eval.json / bench.json / serve.json exist; returns the table.
+    `not_run` gives the stages this run could not run, and why."""
     evaluation, bench = _load(exp / "eval" / "eval.json"), _load(exp / "bench" / "bench.json")
-    if not evaluation and not bench:
+    served = _load(exp / "serve" / "serve.json")
+    if not evaluation and not bench and not served:
         return None
-    table = markdown(rows(evaluation, bench))
+    table = markdown(rows(evaluation, bench, served))
     images = plots(exp, evaluation, bench)
-    text = [f"# Report: {exp.name}", "", table, "", *notes(bench), "", *[f"![{p.stem}]({p.name})" for p in images]]
+    text = [f"# Report: {exp.name}", "", table, "", *notes(bench), "", *serving(served, not_run or {}), "",
+            *[f"![{p.stem}]({p.name})" for p in images]]
     _replace(exp / "report.md", "\n".join(text) + "\n")
     return table
 

