@@ -146,6 +146,13 @@ class ServeConfig:
 
 
 @dataclass
+class PushConfig:
+    # Upload the GPTQ checkpoint and its model card to this hub repo at the end of the run (needs HF_TOKEN).
+    repo_id: Optional[str] = None
+    private: bool = True
+
+
+@dataclass
 class LockConfig:
     # A second process that needs an artifact another process is building waits for it (false: stops with a
     # message naming the holder); timeout_s bounds the wait (null: no bound).
@@ -182,6 +189,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    push: PushConfig = field(default_factory=PushConfig)
     lock: LockConfig = field(default_factory=LockConfig)
     resources: Dict[str, Resources] = field(default_factory=dict)  # per stage, and "all", for SLURM jobs
 
@@ -245,4 +253,6 @@ def validate(cfg: Any) -> None:
            "a non-empty list of positive integers", list(sv.concurrency))
     for key in ("max_model_len", "task_examples", "max_new_tokens", "requests", "load_max_tokens", "cpu_kv_cache_gb"):
         _check(getattr(sv, key) > 0, f"serve.{key}", "a positive integer", getattr(sv, key))
+    _check(cfg.push.repo_id is None or bool(re.fullmatch(r"[\w.-]+/[\w.-]+", cfg.push.repo_id)), "push.repo_id",
+           "null or 'owner/name'", cfg.push.repo_id)
     _check(sv.startup_timeout_s > 0, "serve.startup_timeout_s", "a positive number of seconds", sv.startup_timeout_s)

@@ -142,7 +142,7 @@ def notes(bench: dict) -> list[str]:
             f"Device: {where} ({device['threads']} threads{cuda}), torch {device['torch']}."]
 
 
-def _replace(path: Path, text: str) -> None:
+def replace(path: Path, text: str) -> None:
     """Write whole, then rename: runs of one experiment, or sweep points, may finish together."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}")
     tmp.write_text(text)
@@ -171,18 +171,23 @@ def serving(served: dict, not_run: dict[str, str]) -> list[str]:
     return lines
 
 
+def results(exp: Path) -> tuple[dict, dict, dict]:
+    """The experiment's eval.json, bench.json and serve.json ({} for those it does not have)."""
+    return (_load(exp / "eval" / "eval.json"), _load(exp / "bench" / "bench.json"),
+            _load(exp / "serve" / "serve.json"))
+
+
 def write(exp: Path, not_run: dict[str, str] | None = None) -> str | None:
     """Write report.md and the plots from whatever eval.json / bench.json / serve.json exist; returns the table.
     `not_run` gives the stages this run could not run, and why."""
-    evaluation, bench = _load(exp / "eval" / "eval.json"), _load(exp / "bench" / "bench.json")
-    served = _load(exp / "serve" / "serve.json")
+    evaluation, bench, served = results(exp)
     if not evaluation and not bench and not served:
         return None
     table = markdown(rows(evaluation, bench, served))
     images = plots(exp, evaluation, bench)
     text = [f"# Report: {exp.name}", "", table, "", *notes(bench), "", *serving(served, not_run or {}), "",
             *[f"![{p.stem}]({p.name})" for p in images]]
-    _replace(exp / "report.md", "\n".join(text) + "\n")
+    replace(exp / "report.md", "\n".join(text) + "\n")
     return table
 
 
@@ -201,5 +206,5 @@ def write_sweep(root: Path) -> str | None:
     if len(lines) == 2:
         return None
     table = "\n".join(lines)
-    _replace(root / "sweep.md", f"# Sweep: {root.name}\n\n{table}\n")
+    replace(root / "sweep.md", f"# Sweep: {root.name}\n\n{table}\n")
     return table

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from . import __version__, distributed, preflight, report
+from . import __version__, card, distributed, preflight, report
 from .artifacts import StageDir, fingerprint
 from .config import STAGES, Config, validate
 from .models import source_identity
@@ -166,4 +166,8 @@ def run_stages(cfg: Config, exp: Path) -> dict[str, dict]:
         log.info("report: %s\n%s", exp / "report.md", table)
         if cfg.sweep_point:
             log.info("sweep so far: %s\n%s", exp.parent / "sweep.md", report.write_sweep(exp.parent))
+    if "gptq" in results and card.write(cfg, exp):
+        log.info("model card: %s", exp / "gptq" / "README.md")
+        if cfg.push.repo_id:
+            card.push(cfg, exp)
     return results

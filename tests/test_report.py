@@ -3,6 +3,16 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from pipeline.card import upload_args
+
+from .conftest import compose_config
 
 
 ARTIFACTS = ["base16", "nf4", "qlora", "merged", "gptq", "rtn"]
@@ -51,3 +61,32 @@ def test_report_has_the_table_and_plots(finished):
         assert f"| {name} |" in report
     for png in ("train_loss.png", "decode_speed.png", "perplexity.png", "weight_histogram.png"):
         assert (exp / png).stat().st_size > 5000 and f"]({png})" in report
+
+
+def test_model_card_describes_the_gptq_checkpoint(finished):
+    out, _, _ = finished
+    card = (out / "default" / "gptq" / "README.md").read_text()
+    _, front, body = card.split("---\n", 2)
+    metadata = yaml.safe_load(front)
+    assert metadata["library_name"] == "transformers" and {"gptq", "4-bit", "qlora"} <= set(metadata["tags"])
+    assert "base_model" not in metadata  # a local directory is no hub id
+    for section in ("## Use it", "## Quantization", "## Training", "## Evaluation", "vllm serve"):
+        assert section in body, section
+    for name in ARTIFACTS:
+        assert f"| {name} |" in body, name
+    assert "| 4 | 128 | False | True |" in body  # bits, group size, desc_act, sym of the tiny checkpoint
+    assert "Merge check against NF4 base + adapter, exact" in body
+
+
+def test_push_uploads_the_checkpoint_or_says_why_not(finished, copy_of):
+    exp, _ = copy_of
+    args = upload_args(compose_config("push.repo_id=me/tiny-gptq"), exp)
+    assert args["repo_id"] == "me/tiny-gptq" and args["repo_type"] == "model"
+    assert Path(args["folder_path"]) == (exp / "gptq").resolve() and "manifest.json" in args["ignore_patterns"]
+    # No hub here: the upload fails, in one line, after every stage is done.
+    result = subprocess.run([sys.executable, "-m", "pipeline", f"output_dir={exp.parent}", "stage=gptq",
+                             "push.repo_id=me/tiny-gptq", *finished[1]],
+                            capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    said = result.stdout + result.stderr
+    assert result.returncode == 2 and "push.repo_id='me/tiny-gptq': the upload failed" in said, said[-2000:]
+    assert "Traceback" not in said

@@ -1,0 +1,103 @@
+"""The GPTQ checkpoint's model card (`<experiment>/gptq/README.md`, the Hugging Face format) and its optional
+upload to the hub (`push.repo_id`).
+
+The card is rewritten at the end of every run that evaluates, benchmarks or serves, from the manifests and the
+report's results, so it always describes the checkpoint next to it. It is not one of the artifact's listed files:
+the checkpoint's fingerprint and freshness do not depend on it.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import yaml
+
+from . import report
+from .artifacts import read_manifest
+from .config import Config, ConfigError
+
+log = logging.getLogger(__name__)
+
+# What a deployment needs from the stage directory; the manifest and GPTQModel's logs stay behind.
+UPLOAD_IGNORE = ["manifest.json", "logs/*", "quant_log.csv", "offload/*"]
+
+
+def hub_id(name_or_path: str) -> str | None:
+    """The base model's hub id, when it came from the hub (not a local directory, GGUF file or package)."""
+    if name_or_path.startswith(("package:", "/", ".", "~")) or name_or_path.endswith(".gguf"):
+        return None
+    return name_or_path if name_or_path.count("/") == 1 and not Path(name_or_path).exists() else None
+
+
+def render(cfg: Config, exp: Path) -> str:
+    gptq, train, merge = (read_manifest(exp / stage) or {} for stage in ("gptq", "train", "merge"))
+    g, t = gptq["config"]["gptq"], train["config"]["train"]
+    metadata = {"library_name": "transformers", "pipeline_tag": "text-generation",
+                "tags": ["gptq", f"{g['bits']}-bit", "qlora", "text-generation"]}
+    if hub_id(cfg.model.name_or_path):
+        metadata["base_model"] = hub_id(cfg.model.name_or_path)
+    evaluation, bench, served = report.results(exp)
+    table = report.markdown(report.rows(evaluation, bench, served)) if evaluation or bench or served else "-"
+    check = merge.get("metrics", {}).get("check", {})
+    steps = train.get("metrics", {})
+    lines = [
+        "---", yaml.safe_dump(metadata, sort_keys=False).strip(), "---", "",
+        f"# {exp.name}: GPTQ {g['bits']}-bit", "",
+        f"`{cfg.model.name_or_path}` fine-tuned with QLoRA on `{train['config']['data']['source']}`, the adapter merged "
+        "into the dequantized NF4 base (which it was trained on), then quantized with GPTQ (GPTQModel). A standard "
+        "GPTQ checkpoint (`quant_method: gptq`): transformers, vLLM and SGLang load it.", "",
+        "## Use it", "", "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        'model = AutoModelForCausalLM.from_pretrained("<this folder or repo>", device_map="auto")',
+        'tokenizer = AutoTokenizer.from_pretrained("<this folder or repo>")',
+        'prompt = tokenizer.apply_chat_template([{"role": "user", "content": "..."}], add_generation_prompt=True,',
+        '                                       return_tensors="pt", return_dict=True).to(model.device)',
+        "print(tokenizer.decode(model.generate(**prompt, max_new_tokens=64)[0]))", "```", "```bash",
+        "vllm serve <this folder or repo>   # OpenAI-compatible server; the chat template ships with the checkpoint",
+        "```", "",
+        "## Quantization", "",
+        "| bits | group size | desc_act | sym | damp | calibration | vLLM-compatible |", "|---|---|---|---|---|---|---|",
+        f"| {g['bits']} | {gptq['metrics']['group_size']} | {g['desc_act']} | {g['sym']} | {g['damp_percent']} | "
+        f"{gptq['metrics']['calibration_windows']} x {g['calib_seq_len']} tokens ({g['calib_source']}) | "
+        f"{gptq['metrics']['vllm_compatible']} |", "",
+        "## Training", "",
+        "| steps | lr | batch | LoRA r / alpha | target modules | rows | loss first -> last |",
+        "|---|---|---|---|---|---|---|",
+        f"| {steps.get('steps')} | {t['lr']} | {t['batch_size']} x {t['grad_accum']} | {t['lora_r']} / {t['lora_alpha']} "
+        f"| {t['target_modules']} | {steps.get('train_rows')} | {steps.get('first_loss', 0):.4f} -> "
+        f"{steps.get('final_loss', 0):.4f} |", "",
+        (f"Merge check against NF4 base + adapter, {check['mode']}: argmax agreement {check['argmax_agreement']:.4f}, "
+         f"mean |dlogit| {check['mean_abs_logit_diff']:.2e}." if check else ""), "",
+        "## Evaluation", "", table, "", *report.notes(bench), "", *report.serving(served, {}), "",
+    ]
+    return "\n".join(lines)
+
+
+def write(cfg: Config, exp: Path) -> Path | None:
+    """Write `<exp>/gptq/README.md` if the experiment has a GPTQ checkpoint."""
+    if read_manifest(exp / "gptq") is None or read_manifest(exp / "train") is None:
+        return None
+    path = exp / "gptq" / "README.md"
+    report.replace(path, render(cfg, exp))
+    return path
+
+
+def upload_args(cfg: Config, exp: Path) -> dict:
+    """What `HfApi.upload_folder` is called with."""
+    return {"folder_path": str((exp / "gptq").resolve()), "repo_id": cfg.push.repo_id, "repo_type": "model",
+            "ignore_patterns": UPLOAD_IGNORE, "commit_message": f"GPTQ checkpoint from pipeline ({exp.name})"}
+
+
+def push(cfg: Config, exp: Path) -> str:
+    """Upload the GPTQ checkpoint (with its card) to `push.repo_id`; returns the commit URL."""
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    try:
+        api.create_repo(cfg.push.repo_id, repo_type="model", private=cfg.push.private, exist_ok=True)
+        url = api.upload_folder(**upload_args(cfg, exp))
+    except Exception as err:  # offline, no token, no rights, network: whatever it is, one line that says so
+        raise ConfigError(f"push.repo_id={cfg.push.repo_id!r}: the upload failed: "
+                          f"{str(err).strip().splitlines()[0][:200]}") from None
+    log.info("pushed %s to %s", exp / "gptq", url)
+    return str(url)
