@@ -20,6 +20,7 @@ from . import __version__, card, distributed, preflight, report
 from .artifacts import StageDir, fingerprint
 from .config import STAGES, Config, validate
 from .models import source_identity
+from .stages import StageUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -30,9 +31,6 @@ CONFIG_KEYS = {"base": ["model", "base"], "train": ["data", "train", "seed"], "m
                "gptq": ["gptq", "seed"], "eval": ["eval", "seed"], "bench": ["bench", "seed"],
                "serve": ["serve", "seed"]}
 
-
-class StageUnavailable(Exception):
-    """The stage cannot run on this machine (its module's `missing(cfg)` says why); the rest of the run goes on."""
 
 
 def config_slice(cfg: Config, stage: str) -> dict:

@@ -37,14 +37,17 @@ def test_bad_values_are_refused_with_the_key(override, key):
 
 def test_fingerprints_change_only_downstream():
     before, after = fingerprints(compose_config()), fingerprints(compose_config("gptq.bits=3"))
-    assert [s for s in before if before[s] != after[s]] == ["gptq", "eval", "bench"]
+    assert [s for s in before if before[s] != after[s]] == ["gptq", "eval", "bench", "serve"]
     after = fingerprints(compose_config("train.lr=1e-3"))
-    assert [s for s in before if before[s] != after[s]] == ["train", "merge", "gptq", "eval", "bench"]
+    assert [s for s in before if before[s] != after[s]] == ["train", "merge", "gptq", "eval", "bench", "serve"]
+    after = fingerprints(compose_config("serve.requests=4"))
+    assert [s for s in before if before[s] != after[s]] == ["serve"]
 
 
 def test_plan_includes_upstream_stages():
     assert plan("merge") == ["base", "train", "merge"]
-    assert plan("all") == ["base", "train", "merge", "gptq", "eval", "bench"]
+    assert plan("all") == ["base", "train", "merge", "gptq", "eval", "bench", "serve"]
+    assert plan("serve") == ["base", "train", "merge", "gptq", "serve"]
 
 
 def test_cli_reports_a_user_error_in_one_line(tmp_path):

@@ -14,13 +14,14 @@ STAGES = ("base", "train", "merge", "gptq", "eval", "bench")
 
 
 def statuses(results):
-    return {stage: "cached" if r["status"] == "cached" else "ran" for stage, r in results.items()}
+    return {stage: r["status"] if r["status"] in ("cached", "not run") else "ran" for stage, r in results.items()}
 
 
 def test_full_chain_writes_every_artifact(finished):
     out, _, results = finished
     exp = out / "default"
-    assert statuses(results) == {stage: "ran" for stage in STAGES}
+    # the tiny settings turn serving off (tests/test_serve.py serves)
+    assert statuses(results) == {**{stage: "ran" for stage in STAGES}, "serve": "not run"}
     manifests = {stage: read_manifest(exp / stage) for stage in STAGES}
     for stage, manifest in manifests.items():
         assert manifest["stage"] == stage and manifest["seconds"] > 0
@@ -46,7 +47,7 @@ def test_full_chain_writes_every_artifact(finished):
 def test_second_run_skips_every_stage(copy_of):
     exp, rerun = copy_of
     before = {stage: (exp / stage / "manifest.json").stat().st_mtime_ns for stage in STAGES}
-    assert statuses(rerun()) == {stage: "cached" for stage in STAGES}
+    assert statuses(rerun()) == {**{stage: "cached" for stage in STAGES}, "serve": "not run"}
     assert before == {stage: (exp / stage / "manifest.json").stat().st_mtime_ns for stage in STAGES}
 
 
@@ -54,7 +55,7 @@ def test_gptq_change_reruns_only_gptq(copy_of):
     exp, rerun = copy_of
     merge_fingerprint = read_manifest(exp / "merge")["fingerprint"]
     assert statuses(rerun("gptq.bits=8")) == {"base": "cached", "train": "cached", "merge": "cached", "gptq": "ran",
-                                              "eval": "ran", "bench": "ran"}
+                                              "eval": "ran", "bench": "ran", "serve": "not run"}
     assert json.loads((exp / "gptq" / "config.json").read_text())["quantization_config"]["bits"] == 8
     assert read_manifest(exp / "merge")["fingerprint"] == merge_fingerprint
 

@@ -34,6 +34,7 @@ from ..config import Config
 from ..data import read_jsonl
 from ..models import load_gptq, load_tokenizer
 from ..quality import generate_answers
+from . import StageUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -64,9 +65,14 @@ def missing(cfg: Config) -> str | None:
     probe = subprocess.run([python, "-c", "import vllm, sys; sys.stdout.write(vllm.__version__)"],
                            capture_output=True, text=True, timeout=300)
     if probe.returncode != 0:
-        last = (probe.stderr.strip().splitlines() or [f"exit code {probe.returncode}"])[-1]
-        return f"vLLM does not run here ({python}): {last[:200]}"
+        return f"vLLM does not run here ({python}): {exit_reason(probe.returncode, probe.stderr)}"
     return None
+
+
+def exit_reason(code: int, output: str) -> str:
+    if code < 0:
+        return f"killed by {signal.Signals(-code).name}"
+    return (output.strip().splitlines() or [f"exit code {code}"])[-1][:300]
 
 
 def vllm_version(python: str) -> str:
@@ -117,9 +123,10 @@ def wait_healthy(server: subprocess.Popen, url: str, timeout_s: float, log_path:
     start = time.monotonic()
     while time.monotonic() - start < timeout_s:
         if server.poll() is not None:
-            tail = log_path.read_text(errors="replace").strip().splitlines()[-1:] or [""]
-            raise RuntimeError(f"vLLM exited with code {server.returncode} while starting: {tail[0][:300]} "
-                               f"(whole log: {log_path})")
+            reason = exit_reason(server.returncode, log_path.read_text(errors="replace"))
+            if server.returncode == -signal.SIGILL:  # a vLLM build for instructions this CPU lacks
+                raise StageUnavailable(f"vLLM cannot run on this CPU ({reason}; log: {log_path})")
+            raise RuntimeError(f"vLLM exited while starting: {reason} (whole log: {log_path})")
         with contextlib.suppress(OSError):
             with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
                 if response.status == 200:
