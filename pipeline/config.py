@@ -125,6 +125,9 @@ class BenchConfig:
     warmup: int = 1
     repeats: int = 2
     matrix: str = "auto"  # auto: `full` on a GPU, `cpu` on CPU
+    # transformers' fast path (static cache + torch.compile) at batch 1, besides eager: auto (every artifact on a
+    # GPU, the merged model on CPU), all or none. Artifacts transformers cannot compile (GPTQ) stay eager.
+    compile: str = "auto"
     full: BenchMatrix = field(default_factory=BenchMatrix)
     cpu: BenchMatrix = field(default_factory=lambda: BenchMatrix([30], [1, 4], [True]))
 
@@ -248,6 +251,7 @@ def validate(cfg: Any) -> None:
            "positive integers", (cfg.eval.ppl_windows, cfg.eval.ppl_seq_len))
     _check(cfg.bench.matrix in ("auto", "full", "cpu"), "bench.matrix", "auto, full or cpu", cfg.bench.matrix)
     _check(cfg.bench.repeats > 0, "bench.repeats", "a positive integer", cfg.bench.repeats)
+    _check(cfg.bench.compile in ("auto", "all", "none"), "bench.compile", "auto, all or none", cfg.bench.compile)
     sv = cfg.serve
     _check(len(sv.concurrency) > 0 and all(isinstance(c, int) and c > 0 for c in sv.concurrency), "serve.concurrency",
            "a non-empty list of positive integers", list(sv.concurrency))

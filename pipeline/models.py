@@ -256,3 +256,13 @@ def artifact_disk_bytes(name: str, inputs: dict[str, Path]) -> int | None:
 def quantized_kernels(model) -> list[str]:
     """Class names of the quantized linear layers in a model (the GPTQ kernel in use), if any."""
     return sorted({type(m).__name__ for m in model.modules() if hasattr(m, "qweight")})
+
+
+def kernel_names(model) -> list[str]:
+    """What the model's quantized layers compute with: the GPTQ kernel classes, or bitsandbytes' 4-bit layers
+    (on its packed bf16 CPU kernel once a forward pass has repacked them, see repacked_for_cpu)."""
+    names, layers = quantized_kernels(model), nf4_layers(model)
+    if layers:
+        packed = any(repacked_for_cpu(layer) for layer in layers)
+        names.append("bitsandbytes Linear4bit" + (" (packed AVX512-BF16 CPU kernel)" if packed else ""))
+    return names

@@ -9,8 +9,8 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 REFERENCE = "merged"
-COLUMNS = ("artifact", "size MB", "params MB", "ppl", "task acc", "prefill ms", "decode tok/s", "roofline",
-           "peak mem MB")
+COLUMNS = ("artifact", "size MB", "params MB", "ppl", "task acc", "prefill ms", "decode tok/s", "compiled tok/s",
+           "roofline", "peak mem MB")
 
 
 def _load(path: Path) -> dict:
@@ -26,8 +26,9 @@ def _cell(value, reference, fmt: str, ratio: bool = True) -> str:
     return text
 
 
-def _batch1(bench: dict) -> dict | None:
-    runs = [r for r in bench.get("runs", []) if r["batch"] == 1 and r["use_cache"]]
+def _batch1(bench: dict, compiled: bool = False) -> dict | None:
+    runs = [r for r in bench.get("runs", []) if r["batch"] == 1 and r["use_cache"]
+            and r.get("compiled", False) == compiled]
     return min(runs, key=lambda r: r["new_tokens"]) if runs else None
 
 
@@ -40,12 +41,14 @@ def rows(evaluation: dict, bench: dict, served: dict | None = None) -> list[dict
     for name in names:
         e = evaluation.get("artifacts", {}).get(name, {})
         b = bench.get("artifacts", {}).get(name, {})
-        single = _batch1(b)
+        single, fast = _batch1(b), _batch1(b, compiled=True)
         table.append({
             "artifact": name, "size": e.get("disk_bytes"), "params": e.get("param_bytes"), "ppl": e.get("ppl"),
             "task": e.get("task_accuracy"),
             "prefill": single["prefill_ms"]["median"] if single else None,
             "decode": single["decode_tok_s"]["median"] if single else None,
+            "compiled": fast["decode_tok_s"]["median"] if fast else None,
+            "compile_s": fast["compile_s"] if fast else None,
             "roofline": b.get("roofline_fraction"),
             "peak": single["peak_memory_bytes"] if single else None})
     if served:  # the deployed checkpoint: speed at concurrency 1 (time to first token, streamed output tok/s)
@@ -54,8 +57,16 @@ def rows(evaluation: dict, bench: dict, served: dict | None = None) -> list[dict
         table.append({"artifact": SERVED, "size": gptq.get("size"), "params": None, "ppl": None,
                       "task": served["task_accuracy"],
                       "prefill": single["ttft_s"]["p50"] * 1e3 if single and single["ttft_s"] else None,
-                      "decode": single["output_tok_s"] if single else None, "roofline": None, "peak": None})
+                      "decode": single["output_tok_s"] if single else None, "compiled": None, "roofline": None,
+                      "peak": None})
     return table
+
+
+def _compiled(row: dict) -> str:
+    """Compiled decode tok/s, its speed-up over the same artifact's eager decode, and the compile time."""
+    if not row.get("compiled"):
+        return "-"
+    return f"{row['compiled']:.1f} ({row['compiled'] / row['decode']:.2f}x eager, {row['compile_s']:.0f} s compile)"
 
 
 def markdown(table: list[dict]) -> str:
@@ -68,7 +79,7 @@ def markdown(table: list[dict]) -> str:
         cells = [r["artifact"], _cell(*scaled("size"), ".1f"), _cell(*scaled("params"), ".1f"),
                  _cell(r["ppl"], ref.get("ppl"), ".2f"), _cell(r["task"], None, ".1%", ratio=False),
                  _cell(r["prefill"], ref.get("prefill"), ".1f"), _cell(r["decode"], ref.get("decode"), ".1f"),
-                 _cell(r["roofline"], None, ".1%", ratio=False), _cell(*scaled("peak"), ".0f")]
+                 _compiled(r), _cell(r["roofline"], None, ".1%", ratio=False), _cell(*scaled("peak"), ".0f")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -100,7 +111,8 @@ def plots(exp: Path, evaluation: dict, bench: dict) -> list[Path]:
         width = 0.8 / len(batches)
         for i, batch in enumerate(batches):
             values = [max((r["decode_tok_s"]["median"] for r in bench["artifacts"][n]["runs"]
-                           if r["batch"] == batch and r["use_cache"]), default=0) for n in names]
+                           if r["batch"] == batch and r["use_cache"] and not r.get("compiled")), default=0)
+                      for n in names]
             ax.bar([j + i * width for j in range(len(names))], values, width, label=f"batch {batch}")
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(names))], names)
         ax.set(ylabel="decode tokens/s", title="Generation speed (KV cache on)")
@@ -137,9 +149,23 @@ def notes(bench: dict) -> list[str]:
     cuda = f", CUDA {device['cuda']}" if device.get("cuda") else ""
     return [f"Ratios in parentheses are against the {REFERENCE} 16-bit model. Speed: batch 1, prompt "
             f"{single.get('prompt_len')} tokens, {single.get('new_tokens')} new tokens, KV cache on, median of "
-            f"repeats. Roofline: decode tok/s x weight bytes read per token / copy bandwidth "
-            f"({bench['bandwidth_bytes_s'] / 1e9:.1f} GB/s).",
-            f"Device: {where} ({device['threads']} threads{cuda}), torch {device['torch']}."]
+            f"repeats. Compiled: transformers' static KV cache + torch.compile, batch 1, compilation not counted "
+            f"(`-`: not measured, or a quantization transformers does not compile, as GPTQ). Roofline: decode tok/s "
+            f"x weight bytes read per token / copy bandwidth ({bench['bandwidth_bytes_s'] / 1e9:.1f} GB/s).",
+            f"Device: {where} ({device['threads']} threads{cuda}), torch {device['torch']}.", *fastest_4bit(bench)]
+
+
+def fastest_4bit(bench: dict) -> list[str]:
+    """Which 4-bit format decodes fastest at batch 1 on this machine, and on which kernels."""
+    speeds = {name: (_batch1(bench["artifacts"][name]) or {}).get("decode_tok_s", {}).get("median")
+              for name in ("nf4", "gptq") if name in bench["artifacts"]}
+    speeds = {name: tps for name, tps in speeds.items() if tps}
+    if not speeds:
+        return []
+    ranked = sorted(speeds, key=speeds.get, reverse=True)
+    said = [f"{name} {speeds[name]:.1f} tok/s on {', '.join(bench['artifacts'][name]['kernels']) or '-'}"
+            for name in ranked]
+    return [f"Fastest 4-bit decode here (batch 1): {'; then '.join(said)}."]
 
 
 def replace(path: Path, text: str) -> None:

@@ -22,7 +22,7 @@ import torch
 from omegaconf import OmegaConf
 
 from pipeline.config import BaseConfig, Config
-from pipeline.models import bnb_config, device, load_gptq, nf4_layers, repacked_for_cpu
+from pipeline.models import bnb_config, device, kernel_names, load_gptq
 from pipeline.stages.bench import device_facts, memory_bandwidth, sync, timed
 from pipeline.stages.gptq import quantize
 
@@ -89,10 +89,7 @@ def measure(model, args, bandwidth: float) -> dict:
             cache.crop(-extra)  # the same cache length every repeat
         model(input_ids=ids[:, -1:], past_key_values=cache, use_cache=True)
     decode = min(timed(step, args.warmup, args.repeats))
-    kernels = sorted({type(m).__name__ for m in linears.values()})
-    if any(repacked_for_cpu(m) for m in nf4_layers(model)):
-        kernels = [f"{k} (bitsandbytes' packed AVX512-BF16 CPU kernel)" for k in kernels]
-    return {"kernels": kernels, "layer_weight_bytes": step_bytes,
+    return {"kernels": kernel_names(model) or ["torch Linear (bf16)"], "layer_weight_bytes": step_bytes,
             "decode_step_ms": decode * 1e3, "decode_roofline": step_bytes / decode / bandwidth,
             "prefill_ms": prefill * 1e3, "matmuls": matmuls}
 

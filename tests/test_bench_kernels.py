@@ -21,8 +21,9 @@ def test_kernel_benchmark_on_a_tiny_shape(tmp_path):
     assert report["bandwidth_bytes_s"] > 1e8
     formats = report["formats"]
     assert list(formats) == ["bf16", "nf4", "gptq"]
-    assert formats["bf16"]["kernels"] == ["Linear"] and formats["nf4"]["kernels"][0].startswith("Linear4bit")
-    assert formats["gptq"]["kernels"] and "Linear" not in formats["gptq"]["kernels"]
+    assert formats["bf16"]["kernels"] == ["torch Linear (bf16)"]
+    assert formats["nf4"]["kernels"][0].startswith("bitsandbytes Linear4bit")
+    assert formats["gptq"]["kernels"] and not formats["gptq"]["kernels"][0].startswith(("torch", "bitsandbytes"))
     # 4-bit layers hold about a quarter of the bf16 bytes
     assert formats["gptq"]["layer_weight_bytes"] < 0.5 * formats["bf16"]["layer_weight_bytes"]
     for name, r in formats.items():

@@ -5,7 +5,9 @@ at several batch sizes, KV cache on and off. Prefill latency (one forward pass o
 throughput (the generated tokens after the first, over the time after prefill) are reported separately, as
 medians over `repeats` after `warmup` runs, with their spread. Peak memory is the GPU's max allocated, or on
 CPU the process's peak RSS sampled during generation. Decode at batch 1 is also put against the memory
-bandwidth roofline: tokens/s x bytes of weights read per token / measured copy bandwidth.
+bandwidth roofline: tokens/s x bytes of weights read per token / measured copy bandwidth. Besides eager
+generation, transformers' fast path (a static KV cache and torch.compile, `bench.compile`) at batch 1, with the
+compilation timed on its own (`compile_s`), not in the decode figures.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from pathlib import Path
 import torch
 
 from ..config import Config
-from ..models import device, load_artifact, quantized_kernels
+from ..models import device, kernel_names, load_artifact
 
 log = logging.getLogger(__name__)
 
@@ -100,30 +102,60 @@ class PeakMemory:
             self._thread.join()
 
 
+def compile_config():
+    """transformers' fast generation path: a static KV cache and the decoding forward compiled with torch.compile
+    (transformers does it inside `generate` when given a static cache; off CUDA only when told to)."""
+    from transformers.generation.configuration_utils import CompileConfig
+
+    config = CompileConfig(fullgraph=True, dynamic=False)
+    config._compile_all_devices = True
+    return config
+
+
+def compiles(model) -> bool:
+    """Whether transformers compiles generation for this model (it does not for quantizers it cannot compile,
+    GPTQ's among them)."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    return quantizer is None or quantizer.is_compileable
+
+
+def compiled_artifacts(cfg: Config) -> list[str]:
+    """bench.compile: all (every artifact), none, or auto: all on a GPU; on CPU the merged model alone, since each
+    compilation takes about half a minute there and gains little (CPU decode is not launch-bound)."""
+    if cfg.bench.compile == "all" or (cfg.bench.compile == "auto" and torch.cuda.is_available()):
+        return list(cfg.bench.artifacts)
+    return ["merged"] if cfg.bench.compile == "auto" else []
+
+
 def spread(times: list[float]) -> dict:
     return {"median": statistics.median(times), "min": min(times), "max": max(times)}
 
 
 @torch.no_grad()
 def measure(model, prompt_len: int, new_tokens: int, batch: int, use_cache: bool, warmup: int, repeats: int,
-            seed: int) -> dict:
+            seed: int, compiled: bool = False) -> dict:
     generator = torch.Generator().manual_seed(seed)
     vocab = model.config.vocab_size
     prompt = torch.randint(100, vocab - 1, (batch, prompt_len), generator=generator).to(model.device)
     mask = torch.ones_like(prompt)
     prefill = timed(lambda: model(input_ids=prompt, attention_mask=mask, use_cache=use_cache), warmup, repeats)
+    fast = {"cache_implementation": "static", "compile_config": compile_config()} if compiled else {}
 
     def generate(tokens: int):
         return lambda: model.generate(input_ids=prompt, attention_mask=mask, max_new_tokens=tokens,
                                       min_new_tokens=tokens, do_sample=False, use_cache=use_cache,
-                                      pad_token_id=model.config.eos_token_id)
-    for _ in range(warmup):  # a short generation warms up the same kernels and caches
-        generate(min(new_tokens, 4))()
+                                      pad_token_id=model.config.eos_token_id, **fast)
+    # Compiled: the first generation compiles (timed on its own, not counted below); a static cache is sized by
+    # the generation length, so the warm-up generates the full length. Eager: a short one warms the kernels.
+    compile_s = timed(generate(new_tokens), 0, 1)[0] if compiled else None
+    for _ in range(warmup):
+        generate(new_tokens if compiled else min(new_tokens, 4))()
     with PeakMemory() as peak:
         total = timed(generate(new_tokens), 0, repeats)
     prefill_s = statistics.median(prefill)
     decode_tps = [batch * (new_tokens - 1) / max(t - prefill_s, 1e-9) for t in total]
     return {"prompt_len": prompt_len, "new_tokens": new_tokens, "batch": batch, "use_cache": use_cache,
+            "compiled": compiled, "compile_s": compile_s,
             "prefill_ms": {k: v * 1e3 for k, v in spread(prefill).items()},
             "decode_tok_s": spread(decode_tps), "peak_memory_bytes": peak.peak}
 
@@ -144,9 +176,18 @@ def run(cfg: Config, work: Path, inputs: dict[str, Path]) -> dict:
             log.info("bench: %-6s batch %2d, %3d new tokens, cache %-5s: prefill %.1f ms, decode %.1f tok/s", name,
                      batch, new_tokens, use_cache, runs[-1]["prefill_ms"]["median"],
                      runs[-1]["decode_tok_s"]["median"])
-        single = [r for r in runs if r["batch"] == 1 and r["use_cache"]]
+        if name in compiled_artifacts(cfg) and compiles(model):  # batch 1: one compilation per artifact
+            for new_tokens in matrix.new_tokens:
+                runs.append(measure(model, b.prompt_len, new_tokens, 1, True, b.warmup, b.repeats, cfg.seed,
+                                    compiled=True))
+                log.info("bench: %-6s batch  1, %3d new tokens, compiled (static cache): decode %.1f tok/s "
+                         "(compiled in %.1f s)", name, new_tokens, runs[-1]["decode_tok_s"]["median"],
+                         runs[-1]["compile_s"])
+        elif name in compiled_artifacts(cfg):
+            log.info("bench: %s: transformers does not compile generation for this quantization; eager only", name)
+        single = [r for r in runs if r["batch"] == 1 and r["use_cache"] and not r["compiled"]]
         results[name] = {
-            "kernels": quantized_kernels(model), "weight_bytes_per_token": per_token, "runs": runs,
+            "kernels": kernel_names(model), "weight_bytes_per_token": per_token, "runs": runs,
             "roofline_fraction": (single[0]["decode_tok_s"]["median"] * per_token / bandwidth) if single else None}
         del model
     report = {"device": device_facts(), "bandwidth_bytes_s": bandwidth,
