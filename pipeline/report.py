@@ -203,6 +203,20 @@ def results(exp: Path) -> tuple[dict, dict, dict]:
             _load(exp / "serve" / "serve.json"))
 
 
+def kernels(exp: Path) -> list[str]:
+    """`scripts/bench_kernels.py --out <experiment>/bench_kernels.json`: the formats at a 7-8B layer shape."""
+    measured = _load(exp / "bench_kernels.json")
+    if not measured:
+        return []
+    lines = [f"Kernels at a Llama-3-8B layer shape ({measured['scaled_down']}; scripts/bench_kernels.py):", "",
+             "| format | kernels | decode step ms | roofline | prefill ms |", "|---|---|---|---|---|"]
+    for name, r in measured["formats"].items():
+        lines.append(f"| {name} | {', '.join(r['kernels'])} | {r['decode_step_ms']:.2f} | {r['decode_roofline']:.1%} "
+                     f"| {r['prefill_ms']:.1f} |")
+    image = exp / "bench_kernels.png"
+    return lines + (["", f"![bench_kernels]({image.name})"] if image.is_file() else [])
+
+
 def write(exp: Path, not_run: dict[str, str] | None = None) -> str | None:
     """Write report.md and the plots from whatever eval.json / bench.json / serve.json exist; returns the table.
     `not_run` gives the stages this run could not run, and why."""
@@ -212,7 +226,7 @@ def write(exp: Path, not_run: dict[str, str] | None = None) -> str | None:
     table = markdown(rows(evaluation, bench, served))
     images = plots(exp, evaluation, bench)
     text = [f"# Report: {exp.name}", "", table, "", *notes(bench), "", *serving(served, not_run or {}), "",
-            *[f"![{p.stem}]({p.name})" for p in images]]
+            *kernels(exp), "", *[f"![{p.stem}]({p.name})" for p in images]]
     replace(exp / "report.md", "\n".join(text) + "\n")
     return table
 

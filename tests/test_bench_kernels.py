@@ -7,11 +7,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+from pipeline.report import write as write_report
+
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_kernels.py"
 
 
-def test_kernel_benchmark_on_a_tiny_shape(tmp_path):
-    out = tmp_path / "kernels.json"
+def test_kernel_benchmark_on_a_tiny_shape(copy_of, tmp_path):
+    exp, _ = copy_of
+    out = exp / "bench_kernels.json"  # where the report finds it
     result = subprocess.run([sys.executable, str(SCRIPT), "--hidden", "256", "--intermediate", "512", "--heads", "4",
                              "--kv-heads", "2", "--layers", "1", "--prefill", "16", "--repeats", "2", "--out", str(out)],
                             capture_output=True, text=True, timeout=600, cwd=tmp_path)
@@ -35,3 +38,9 @@ def test_kernel_benchmark_on_a_tiny_shape(tmp_path):
     assert report["fastest_decode"]["format"] in formats
     assert f"fastest decode here: {report['fastest_decode']['format']}" in result.stdout
     assert out.with_suffix(".png").stat().st_size > 5000
+
+    # The experiment's report puts the kernel table and plot next to its own figures.
+    write_report(exp)
+    text = (exp / "report.md").read_text()
+    assert "| format | kernels | decode step ms | roofline | prefill ms |" in text
+    assert "| gptq | " in text and "![bench_kernels](bench_kernels.png)" in text
