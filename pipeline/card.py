@@ -15,6 +15,7 @@ import yaml
 from . import report
 from .artifacts import read_manifest
 from .config import Config, ConfigError
+from .models import is_hub_id
 
 log = logging.getLogger(__name__)
 
@@ -22,20 +23,13 @@ log = logging.getLogger(__name__)
 UPLOAD_IGNORE = ["manifest.json", "logs/*", "quant_log.csv", "offload/*"]
 
 
-def hub_id(name_or_path: str) -> str | None:
-    """The base model's hub id, when it came from the hub (not a local directory, GGUF file or package)."""
-    if name_or_path.startswith(("package:", "/", ".", "~")) or name_or_path.endswith(".gguf"):
-        return None
-    return name_or_path if name_or_path.count("/") == 1 and not Path(name_or_path).exists() else None
-
-
 def render(cfg: Config, exp: Path) -> str:
     gptq, train, merge = (read_manifest(exp / stage) or {} for stage in ("gptq", "train", "merge"))
     g, t = gptq["config"]["gptq"], train["config"]["train"]
     metadata = {"library_name": "transformers", "pipeline_tag": "text-generation",
                 "tags": ["gptq", f"{g['bits']}-bit", "qlora", "text-generation"]}
-    if hub_id(cfg.model.name_or_path):
-        metadata["base_model"] = hub_id(cfg.model.name_or_path)
+    if is_hub_id(cfg.model.name_or_path):
+        metadata["base_model"] = cfg.model.name_or_path
     evaluation, bench, served = report.results(exp)
     table = report.markdown(report.rows(evaluation, bench, served)) if evaluation or bench or served else "-"
     check = merge.get("metrics", {}).get("check", {})
@@ -43,9 +37,9 @@ def render(cfg: Config, exp: Path) -> str:
     lines = [
         "---", yaml.safe_dump(metadata, sort_keys=False).strip(), "---", "",
         f"# {exp.name}: GPTQ {g['bits']}-bit", "",
-        f"`{cfg.model.name_or_path}` fine-tuned with QLoRA on `{train['config']['data']['source']}`, the adapter merged "
-        "into the dequantized NF4 base (which it was trained on), then quantized with GPTQ (GPTQModel). A standard "
-        "GPTQ checkpoint (`quant_method: gptq`): transformers, vLLM and SGLang load it.", "",
+        f"`{cfg.model.name_or_path}` fine-tuned with QLoRA on `{train['config']['data']['source']}`, the adapter "
+        "merged into the dequantized NF4 base (which it was trained on), then quantized with GPTQ (GPTQModel). A "
+        "standard GPTQ checkpoint (`quant_method: gptq`): transformers, vLLM and SGLang load it.", "",
         "## Use it", "", "```python",
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
         'model = AutoModelForCausalLM.from_pretrained("<this folder or repo>", device_map="auto")',
@@ -56,18 +50,19 @@ def render(cfg: Config, exp: Path) -> str:
         "vllm serve <this folder or repo>   # OpenAI-compatible server; the chat template ships with the checkpoint",
         "```", "",
         "## Quantization", "",
-        "| bits | group size | desc_act | sym | damp | calibration | vLLM-compatible |", "|---|---|---|---|---|---|---|",
+        "| bits | group size | desc_act | sym | damp | calibration | vLLM-compatible |",
+        "|---|---|---|---|---|---|---|",
         f"| {g['bits']} | {gptq['metrics']['group_size']} | {g['desc_act']} | {g['sym']} | {g['damp_percent']} | "
         f"{gptq['metrics']['calibration_windows']} x {g['calib_seq_len']} tokens ({g['calib_source']}) | "
         f"{gptq['metrics']['vllm_compatible']} |", "",
         "## Training", "",
         "| steps | lr | batch | LoRA r / alpha | target modules | rows | loss first -> last |",
         "|---|---|---|---|---|---|---|",
-        f"| {steps.get('steps')} | {t['lr']} | {t['batch_size']} x {t['grad_accum']} | {t['lora_r']} / {t['lora_alpha']} "
-        f"| {t['target_modules']} | {steps.get('train_rows')} | {steps.get('first_loss', 0):.4f} -> "
-        f"{steps.get('final_loss', 0):.4f} |", "",
-        (f"Merge check against NF4 base + adapter, {check['mode']}: argmax agreement {check['argmax_agreement']:.4f}, "
-         f"mean |dlogit| {check['mean_abs_logit_diff']:.2e}." if check else ""), "",
+        f"| {steps.get('steps')} | {t['lr']} | {t['batch_size']} x {t['grad_accum']} | "
+        f"{t['lora_r']} / {t['lora_alpha']} | {t['target_modules']} | {steps.get('train_rows')} | "
+        f"{steps.get('first_loss', 0):.4f} -> {steps.get('final_loss', 0):.4f} |", "",
+        (f"Merge check against NF4 base + adapter, {check['mode']}: argmax agreement "
+         f"{check['argmax_agreement']:.4f}, mean |dlogit| {check['mean_abs_logit_diff']:.2e}." if check else ""), "",
         "## Evaluation", "", table, "", *report.notes(bench), "", *report.serving(served, {}), "",
     ]
     return "\n".join(lines)

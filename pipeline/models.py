@@ -36,6 +36,14 @@ def gguf_file(name_or_path: str) -> Path | None:
     return None
 
 
+def is_hub_id(name_or_path: str) -> bool:
+    """Whether a model reference names a hub repository rather than a GGUF file, a package or a local path."""
+    if name_or_path.startswith(GGUF_PACKAGE_PREFIX) or name_or_path.endswith(".gguf"):
+        return False
+    looks_local = name_or_path.startswith((".", "/", "~")) or Path(name_or_path).exists() or name_or_path.count("/") > 1
+    return not looks_local
+
+
 def file_identity(path: Path, sample: int = 2**20) -> str:
     """Size and a hash of the first and last MiB: tells weight files apart without reading gigabytes, and does not
     depend on where the file lives (so another machine with the same files computes the same fingerprint)."""

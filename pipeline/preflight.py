@@ -9,7 +9,7 @@ from importlib import metadata
 from pathlib import Path
 
 from .config import ConfigError, ModelConfig
-from .models import gguf_file
+from .models import gguf_file, is_hub_id
 
 GIB = 2**30
 
@@ -20,10 +20,9 @@ def check_model(name_or_path: str, allow_pickle: bool = False, trust_remote_code
         if not gguf.is_file():
             raise ConfigError(f"model.name_or_path={name_or_path!r}: no such GGUF file")
         return
+    if is_hub_id(name_or_path):
+        return  # checked when it is loaded
     local = Path(name_or_path)
-    looks_local = name_or_path.startswith((".", "/", "~")) or local.exists() or name_or_path.count("/") > 1
-    if not looks_local:
-        return  # an HF hub id: checked when it is loaded
     if not local.is_dir():
         raise ConfigError(f"model.name_or_path={name_or_path!r}: no such directory")
     try:

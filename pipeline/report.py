@@ -180,13 +180,14 @@ def serving(served: dict, not_run: dict[str, str]) -> list[str]:
     if not served:
         return [f"Served (vLLM): not served ({not_run['serve']})." if "serve" in not_run else
                 "Served (vLLM): not served (stage=serve did not run)."]
-    lines = [f"Served (vLLM, {served['server']['vllm']}): task accuracy {_cell(served['task_accuracy'], None, '.1%', False)}"
-             f" through the server vs {_cell(served['transformers_task_accuracy'], None, '.1%', False)} with "
-             f"transformers on the same checkpoint; the answers agree on "
-             f"{_cell(served['agreement_with_transformers'], None, '.1%', False)} of {served['task_examples']} prompts. "
-             f"Its row above: prefill is the time to first token and decode the streamed output tok/s of one request "
-             f"at a time.",
-             "", "| concurrency | requests | output tok/s | TTFT p50 ms | TTFT p95 ms | latency p50 s | latency p95 s |",
+    def share(key: str) -> str:
+        return _cell(served[key], None, ".1%", ratio=False)
+    lines = [f"Served (vLLM, {served['server']['vllm']}): task accuracy {share('task_accuracy')} through the server "
+             f"vs {share('transformers_task_accuracy')} with transformers on the same checkpoint; the answers agree "
+             f"on {share('agreement_with_transformers')} of {served['task_examples']} prompts. Its row above: "
+             f"prefill is the time to first token and decode the streamed output tok/s of one request at a time.",
+             "",
+             "| concurrency | requests | output tok/s | TTFT p50 ms | TTFT p95 ms | latency p50 s | latency p95 s |",
              "|---|---|---|---|---|---|---|"]
     for level in served["load"]:
         ttft = level["ttft_s"] or {}

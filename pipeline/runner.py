@@ -32,7 +32,6 @@ CONFIG_KEYS = {"base": ["model", "base"], "train": ["data", "train", "seed"], "m
                "serve": ["serve", "seed"]}
 
 
-
 def config_slice(cfg: Config, stage: str) -> dict:
     plain = OmegaConf.to_container(cfg if OmegaConf.is_config(cfg) else OmegaConf.structured(cfg), resolve=True)
     return {key: plain[key] for key in CONFIG_KEYS[stage]}

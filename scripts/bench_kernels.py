@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from pipeline.config import BaseConfig, Config
-from pipeline.models import bnb_config, device, kernel_names, load_gptq
+from pipeline.config import BaseConfig, Config, ModelConfig
+from pipeline.models import bnb_config, device, kernel_names, load_causal_lm, load_gptq
 from pipeline.stages.bench import device_facts, memory_bandwidth, sync, timed
 from pipeline.stages.gptq import quantize
 
@@ -45,13 +45,9 @@ def build(args, out: Path) -> None:
 
 
 def load(name: str, source: Path, gptq_dir: Path):
-    from transformers import AutoModelForCausalLM
-
     if name == "gptq":
         return load_gptq(gptq_dir)
-    quantization = {"quantization_config": bnb_config(BaseConfig())} if name == "nf4" else {}
-    return AutoModelForCausalLM.from_pretrained(source, dtype=torch.bfloat16, device_map={"": device()},
-                                                **quantization)
+    return load_causal_lm(source, ModelConfig(), "bfloat16", bnb_config(BaseConfig()) if name == "nf4" else None)
 
 
 def weight_bytes(module) -> int:

@@ -163,6 +163,7 @@ def measure(model, prompt_len: int, new_tokens: int, batch: int, use_cache: bool
 def run(cfg: Config, work: Path, inputs: dict[str, Path]) -> dict:
     b = cfg.bench
     matrix = b.full if b.matrix == "full" or (b.matrix == "auto" and torch.cuda.is_available()) else b.cpu
+    to_compile = compiled_artifacts(cfg)
     bandwidth = memory_bandwidth()
     log.info("bench: copy bandwidth %.1f GB/s", bandwidth / 1e9)
     results = {}
@@ -176,14 +177,14 @@ def run(cfg: Config, work: Path, inputs: dict[str, Path]) -> dict:
             log.info("bench: %-6s batch %2d, %3d new tokens, cache %-5s: prefill %.1f ms, decode %.1f tok/s", name,
                      batch, new_tokens, use_cache, runs[-1]["prefill_ms"]["median"],
                      runs[-1]["decode_tok_s"]["median"])
-        if name in compiled_artifacts(cfg) and compiles(model):  # batch 1: one compilation per artifact
+        if name in to_compile and compiles(model):  # batch 1; a static cache compiles once per generation length
             for new_tokens in matrix.new_tokens:
                 runs.append(measure(model, b.prompt_len, new_tokens, 1, True, b.warmup, b.repeats, cfg.seed,
                                     compiled=True))
                 log.info("bench: %-6s batch  1, %3d new tokens, compiled (static cache): decode %.1f tok/s "
                          "(compiled in %.1f s)", name, new_tokens, runs[-1]["decode_tok_s"]["median"],
                          runs[-1]["compile_s"])
-        elif name in compiled_artifacts(cfg):
+        elif name in to_compile:
             log.info("bench: %s: transformers does not compile generation for this quantization; eager only", name)
         single = [r for r in runs if r["batch"] == 1 and r["use_cache"] and not r["compiled"]]
         results[name] = {

@@ -23,7 +23,6 @@ import statistics
 import subprocess
 import sys
 import time
-import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -200,6 +199,11 @@ def load(url: str, prompts: list[list[dict]], concurrency: int, requests: int, m
             "ttft_s": {"p50": statistics.median(ttfts), "p95": percentile(ttfts, 0.95)} if ttfts else None}
 
 
+def agreement(answers: list[str], others: list[str]) -> float | None:
+    """The share of answers equal to the other list's (None for no answers)."""
+    return sum(a == b for a, b in zip(answers, others)) / len(answers) if answers else None
+
+
 def run(cfg: Config, work: Path, inputs: dict[str, Path]) -> dict:
     s, checkpoint = cfg.serve, inputs["gptq"]
     chats = [row["messages"] for row in read_jsonl(inputs["train"] / "data" / "heldout.jsonl")][:s.task_examples]
@@ -210,7 +214,8 @@ def run(cfg: Config, work: Path, inputs: dict[str, Path]) -> dict:
                                 max_new_tokens=s.max_new_tokens) if chats else []
     with vllm_server(cfg, python, checkpoint, work / "server.log") as url:
         with ThreadPoolExecutor(max(s.concurrency)) as pool:
-            served = [r["text"].strip() for r in pool.map(lambda p: chat(url, p, s.max_new_tokens), prompts[:len(chats)])]
+            replies = pool.map(lambda messages: chat(url, messages, s.max_new_tokens), prompts[:len(chats)])
+            served = [reply["text"].strip() for reply in replies]
         levels = []
         for concurrency in s.concurrency:
             levels.append(load(url, prompts, concurrency, max(s.requests, concurrency), s.load_max_tokens))
@@ -222,9 +227,9 @@ def run(cfg: Config, work: Path, inputs: dict[str, Path]) -> dict:
     report = {
         "server": {"python": python, "vllm": vllm_version(python), "max_model_len": s.max_model_len},
         "task_examples": len(chats),
-        "task_accuracy": sum(a == t for a, t in zip(served, truth)) / len(chats) if chats else None,
-        "transformers_task_accuracy": sum(a == t for a, t in zip(expected, truth)) / len(chats) if chats else None,
-        "agreement_with_transformers": sum(a == b for a, b in zip(served, expected)) / len(chats) if chats else None,
+        "task_accuracy": agreement(served, truth),
+        "transformers_task_accuracy": agreement(expected, truth),
+        "agreement_with_transformers": agreement(served, expected),
         "answers": [{"served": a, "transformers": b, "expected": t} for a, b, t in zip(served, expected, truth)],
         "load": levels,
     }
