@@ -1,12 +1,16 @@
-"""Merge correctness on every CPU class: the merged checkpoint reproduces NF4 base + adapter, which merging into
-the original 16-bit weights (the common mistake, peft#2105) does not, whichever path bitsandbytes computes on.
+"""Both of bitsandbytes' CPU paths, on any CPU: the merged checkpoint reproduces NF4 base + adapter, which merging
+into the original 16-bit weights (the common mistake, peft#2105) does not, and eval measures the NF4 artifacts the
+same whichever path bitsandbytes computes on.
 
 bitsandbytes repacks 4-bit weights in place on an eval forward where the CPU has AVX512-BF16 and then computes in
-bf16. The tests below run both paths where they can: the float32 path everywhere (the packed kernel switched
-off), bf16 compute everywhere, and the packed kernel itself where the CPU has the instruction (elsewhere
-bitsandbytes has no kernel for that layout). The repacking itself is bitsandbytes' own function, run on any CPU.
+bf16; elsewhere it dequantizes and multiplies. The tests run both paths where they can: the standard path
+everywhere (the packed kernel switched off, as on CPUs without the instruction), and the packed kernel where the
+CPU has the instruction (elsewhere bitsandbytes has no kernel for that layout). The repacking itself is
+bitsandbytes' own function, run on any CPU.
 """
 from __future__ import annotations
+
+import json
 
 import bitsandbytes.functional as bnbf
 import pytest
@@ -15,7 +19,10 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from pipeline.artifacts import read_manifest
-from pipeline.models import load_causal_lm, load_tokenizer, nf4_layers, nf4_weight, repacked_for_cpu
+from pipeline.data import read_jsonl, token_windows
+from pipeline.models import load_artifact, load_causal_lm, load_tokenizer, nf4_layers, nf4_weight, repacked_for_cpu
+from pipeline.quality import generate_answers, perplexity
+from pipeline.stages.eval import ppl_texts
 from pipeline.stages.merge import (MergeMismatch, check, compute_dtype, merged_in_float32, probe_batch,
                                    probe_logits, qlora_reference)
 
@@ -84,3 +91,34 @@ def test_an_eval_forward_repacks_exactly_where_the_cpu_has_avx512_bf16(finished)
     with torch.no_grad():
         model(input_ids=torch.tensor([[1, 2, 3]]))
     assert {repacked_for_cpu(layer) for layer in nf4_layers(model)} == {HAS_AVX512_BF16}
+
+
+@pytest.mark.parametrize("name", ["nf4", "qlora"])
+def test_eval_measures_nf4_artifacts_alike_on_both_cpu_paths(finished, name):
+    """The standard path (forced here even on a CPU with AVX512-BF16) reproduces what the eval stage measured on
+    this machine's own path; where the CPU has the instruction, the packed path gives the same answers too."""
+    out, overrides, _ = finished
+    cfg, exp = compose_config(*overrides), out / "default"
+    inputs = {stage: exp / stage for stage in ("base", "train", "merge", "gptq")}
+    tokenizer = load_tokenizer(exp / "base" / "nf4")
+    windows = token_windows(tokenizer, ppl_texts(cfg, tokenizer, exp / "train"), cfg.eval.ppl_seq_len)
+    chats = [row["messages"] for row in read_jsonl(exp / "train" / "data" / "heldout.jsonl")][:cfg.eval.task_examples]
+    measured = json.loads((exp / "eval" / "eval.json").read_text())["artifacts"][name]
+
+    def evaluate(packed: bool) -> tuple[float, list[str]]:
+        model = load_artifact(name, inputs, cfg).eval()
+        for layer in nf4_layers(model):
+            layer.support_avx512bf16_for_cpu = packed
+        result = (perplexity(model, windows[:cfg.eval.ppl_windows]),
+                  generate_answers(model, tokenizer, chats, max_new_tokens=cfg.eval.max_new_tokens))
+        assert {repacked_for_cpu(layer) for layer in nf4_layers(model)} == {packed}
+        return result
+
+    ppl, answers = evaluate(packed=False)
+    assert abs(ppl - measured["ppl"]) < 0.01 * measured["ppl"], (ppl, measured["ppl"])
+    accuracy = sum(a == chat[-1]["content"].strip() for a, chat in zip(answers, chats)) / len(chats)
+    assert accuracy == measured["task_accuracy"]
+    if HAS_AVX512_BF16:
+        packed_ppl, packed_answers = evaluate(packed=True)
+        assert abs(packed_ppl - ppl) < 0.01 * ppl
+        assert sum(a == b for a, b in zip(answers, packed_answers)) >= 0.75 * len(chats)
