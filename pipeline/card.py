@@ -34,10 +34,12 @@ def render(cfg: Config, exp: Path) -> str:
     table = report.markdown(report.rows(evaluation, bench, served)) if evaluation or bench or served else "-"
     check = merge.get("metrics", {}).get("check", {})
     steps = train.get("metrics", {})
+    sources = steps.get("sources", [])
+    data = " + ".join(f"`{c['source']}`" + (f" (weight {c['weight']:g})" if len(sources) > 1 else "") for c in sources)
     lines = [
         "---", yaml.safe_dump(metadata, sort_keys=False).strip(), "---", "",
         f"# {exp.name}: GPTQ {g['bits']}-bit", "",
-        f"`{cfg.model.name_or_path}` fine-tuned with QLoRA on `{train['config']['data']['source']}`, the adapter "
+        f"`{cfg.model.name_or_path}` fine-tuned with QLoRA on {data}, the adapter "
         "merged into the dequantized NF4 base (which it was trained on), then quantized with GPTQ (GPTQModel). A "
         "standard GPTQ checkpoint (`quant_method: gptq`): transformers, vLLM and SGLang load it.", "",
         "## Use it", "", "```python",

@@ -1,9 +1,10 @@
 """Typed configuration: the schema Hydra composes `conf/` into, and the checks run before any heavy work."""
 from __future__ import annotations
 
+import importlib.util
 import re
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 
@@ -30,14 +31,61 @@ class ModelConfig:
     dtype: str = "bfloat16"
 
 
+DATA_FORMATS = ("auto", "chat", "alpaca", "text")
+TRAIN_ON = ("all_turns", "last_turn")
+TRACKERS = ("tensorboard", "wandb", "mlflow")
+
+
+@dataclass
+class DataSource:
+    # "builtin" (generated date-formatting task), a local .jsonl/.json/.parquet/.csv file, or an HF dataset id.
+    path: str = "builtin"
+    weight: float = 1.0  # share of the training mix (weights are normalized over data.sources)
+    split: str = "train"  # split of an HF dataset
+    heldout_examples: Optional[int] = None  # rows held out of this source for evaluation (null: data.heldout_examples)
+    heldout_path: Optional[str] = None  # held-out rows from this file or dataset instead (nothing is split off)
+
+
+@dataclass
+class DataColumns:
+    """Column names in your data, for shapes between the standard ones (null: the standard names are looked for)."""
+    messages: Optional[str] = None  # a list of turns: 'messages' or ShareGPT's 'conversations'
+    role: Optional[str] = None  # a turn's role key: 'role' or ShareGPT's 'from'
+    content: Optional[str] = None  # a turn's text key: 'content' or ShareGPT's 'value'
+    instruction: str = "instruction"
+    input: str = "input"
+    output: str = "output"
+    system: str = "system"  # an optional column with a system prompt for the row (alpaca and chat)
+    text: str = "text"
+
+
+@dataclass
+class DataRoles:
+    """Role names in your data besides the standard ones (user/human, assistant/gpt/model, system)."""
+    user: Optional[str] = None
+    assistant: Optional[str] = None
+    system: Optional[str] = None
+
+
 @dataclass
 class DataConfig:
-    # "builtin" (generated date-formatting task), a local .jsonl/.json/.parquet file, or an HF dataset id.
+    # One source ("builtin", a file or an HF dataset id) ...
     source: str = "builtin"
     split: str = "train"  # split of an HF dataset
+    heldout_path: Optional[str] = None  # held-out rows from this file instead of data.heldout_examples split off
+    # ... or several, mixed by weight: [{path: a.jsonl, weight: 0.7}, {path: b.jsonl, weight: 0.3}].
+    sources: List[DataSource] = field(default_factory=list)
+    # auto: chat (messages or ShareGPT conversations), alpaca (instruction/input/output) or text (continued
+    # pretraining, loss on every token), told apart by the columns.
+    format: str = "auto"
+    columns: DataColumns = field(default_factory=DataColumns)
+    roles: DataRoles = field(default_factory=DataRoles)
+    train_on: str = "all_turns"  # chats: loss on every assistant turn, or on the last one only (last_turn)
+    # Each batch's examples concatenated into one sequence without padding, attention kept within each example.
+    packing: bool = False
     builtin_examples: int = 2000  # size of the generated task
-    heldout_examples: int = 200  # held out from training for evaluation
-    max_seq_len: int = 256  # rows longer than this (in tokens) are dropped and counted
+    heldout_examples: int = 200  # held out from training for evaluation (per source)
+    max_seq_len: int = 256  # chat rows longer than this (in tokens) are dropped and counted; text rows are cut
 
 
 @dataclass
@@ -67,6 +115,10 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     save_steps: int = 10  # checkpoint period: an interrupted run resumes from the last one
     logging_steps: int = 5
+    eval_steps: Optional[int] = None  # held-out loss every N steps (in loss.json and the loss plot); null: off
+    # Experiment trackers: tensorboard, wandb (offline unless WANDB_MODE says otherwise), mlflow (a local tracking
+    # directory unless MLFLOW_TRACKING_URI says otherwise); logs go to <experiment>/tracking/.
+    report_to: Any = field(default_factory=list)
 
 
 @dataclass
@@ -205,6 +257,41 @@ def _check(ok: bool, key: str, allowed: str, value: Any) -> None:
         raise ConfigError(f"{key}={value!r} is not allowed: {allowed}")
 
 
+def data_sources(data: DataConfig) -> list[DataSource]:
+    """data.sources, or the single data.source as a list of one."""
+    if data.sources:
+        return list(data.sources)
+    return [DataSource(path=data.source, split=data.split, heldout_path=data.heldout_path)]
+
+
+def heldout_of(data: DataConfig, source: DataSource) -> int | str:
+    """What is held out of a source: a file or dataset of its own, or a number of rows split off it."""
+    if source.heldout_path:
+        return source.heldout_path
+    return data.heldout_examples if source.heldout_examples is None else source.heldout_examples
+
+
+def trackers(train: TrainConfig) -> list[str]:
+    """train.report_to as a list: one name, a list of names, or none."""
+    names = [train.report_to] if isinstance(train.report_to, str) else list(train.report_to or [])
+    return [name for name in names if name != "none"]
+
+
+def validate_data(data: DataConfig) -> None:
+    _check(data.format in DATA_FORMATS, "data.format", ", ".join(DATA_FORMATS), data.format)
+    _check(data.train_on in TRAIN_ON, "data.train_on", " or ".join(TRAIN_ON), data.train_on)
+    _check(not (data.sources and (data.source != "builtin" or data.heldout_path)), "data.source",
+           "left unset when data.sources lists the sources (and so is data.heldout_path)",
+           (data.source, data.heldout_path))
+    for i, source in enumerate(data_sources(data)):
+        key = f"data.sources[{i}]" if data.sources else "data.source"
+        _check(bool(source.path), f"{key}.path" if data.sources else key, "a file, a dataset id or builtin",
+               source.path)
+        _check(source.weight > 0, f"{key}.weight", "a positive number", source.weight)
+        _check(source.heldout_examples is None or source.heldout_examples >= 0, f"{key}.heldout_examples",
+               "null or 0 or more", source.heldout_examples)
+
+
 def validate(cfg: Any) -> None:
     """Raise ConfigError on the first bad value. Cheap: no model or data is loaded here."""
     _check(cfg.stage in RUNNABLE_STAGES, "stage", f"one of {', '.join(RUNNABLE_STAGES)}", cfg.stage)
@@ -220,6 +307,7 @@ def validate(cfg: Any) -> None:
     _check(cfg.data.heldout_examples >= 0, "data.heldout_examples", "0 or more", cfg.data.heldout_examples)
     _check(cfg.data.builtin_examples > cfg.data.heldout_examples, "data.builtin_examples",
            "more than data.heldout_examples", cfg.data.builtin_examples)
+    validate_data(cfg.data)
     t = cfg.train
     _check(t.max_steps > 0, "train.max_steps", "a positive integer", t.max_steps)
     _check(t.lr > 0, "train.lr", "a positive number", t.lr)
@@ -230,6 +318,16 @@ def validate(cfg: Any) -> None:
     _check(t.batch_size % world_size() == 0, "train.batch_size",
            f"a multiple of the {world_size()} training processes (it is the global batch)", t.batch_size)
     _check(t.save_steps > 0, "train.save_steps", "a positive integer", t.save_steps)
+    _check(t.eval_steps is None or t.eval_steps > 0, "train.eval_steps", "null (off) or a positive integer",
+           t.eval_steps)
+    if t.eval_steps:
+        _check(any(heldout_of(cfg.data, source) for source in data_sources(cfg.data)), "train.eval_steps",
+               "null when nothing is held out (data.heldout_examples=0 and no heldout_path)", t.eval_steps)
+    for tracker in trackers(t):
+        _check(tracker in TRACKERS, "train.report_to", f"a list of {', '.join(TRACKERS)} (or none)", t.report_to)
+        _check(importlib.util.find_spec(tracker) is not None, "train.report_to",
+               f"installed: {tracker} is not (pip install {'mlflow-skinny' if tracker == 'mlflow' else tracker})",
+               t.report_to)
     _check(t.target_modules == "all-linear" or (not isinstance(t.target_modules, str) and len(t.target_modules) > 0),
            "train.target_modules", "'all-linear' or a non-empty list of module names", t.target_modules)
     m = cfg.merge

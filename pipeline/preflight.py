@@ -8,7 +8,8 @@ import shutil
 from importlib import metadata
 from pathlib import Path
 
-from .config import ConfigError, ModelConfig
+from .config import ConfigError, DataConfig, ModelConfig, data_sources
+from .data import LOADERS, load_source, source_keys
 from .models import gguf_file, is_hub_id
 
 GIB = 2**30
@@ -62,32 +63,45 @@ def check_gptq_support(model: ModelConfig) -> None:
                           "lists what is), so the gptq stage cannot quantize it; stage=train and stage=merge work")
 
 
-def check_data_file(source: str) -> None:
-    """A local dataset file exists, is not empty and (JSONL) parses line by line; columns are checked on load."""
+def check_data_file(key: str, source: str) -> None:
+    """A local dataset file exists, is not empty and (JSONL) parses line by line."""
     path = Path(source)
-    if path.suffix not in (".jsonl", ".json", ".parquet"):
-        return  # "builtin" or an HF dataset id
     if not path.is_file():
-        raise ConfigError(f"data.source={source!r}: no such file")
+        raise ConfigError(f"{key}={source!r}: no such file")
     if path.stat().st_size == 0:
-        raise ConfigError(f"data.source={source!r}: the file is empty")
+        raise ConfigError(f"{key}={source!r}: the file is empty")
     if path.suffix == ".jsonl":
-        malformed, unusable = [], []
+        malformed = []
         for number, line in enumerate(path.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
             try:
-                row = json.loads(line)
+                if line.strip():
+                    json.loads(line)
             except ValueError:
                 malformed.append(number)
-                continue
-            if not isinstance(row, dict) or not ("messages" in row or {"instruction", "output"} <= row.keys()):
-                unusable.append(number)
-        for numbers, problem in ((malformed, "malformed JSON"),
-                                 (unusable, "neither 'messages' nor 'instruction'/'output' fields")):
-            if numbers:
-                lines = ", ".join(map(str, numbers[:10])) + (f" and {len(numbers) - 10} more" if numbers[10:] else "")
-                raise ConfigError(f"data.source={source!r}: {problem} on line {lines}")
+        if malformed:
+            lines = ", ".join(map(str, malformed[:10])) + (f" and {len(malformed) - 10} more" if malformed[10:] else "")
+            raise ConfigError(f"{key}={source!r}: malformed JSON on line {lines}")
+
+
+def local_data_files(data: DataConfig) -> list[tuple[str, str, str]]:
+    """(config key, path, split) of every local file among the sources and their held-out files."""
+    found = []
+    for i, source in enumerate(data_sources(data)):
+        for key, path in zip(source_keys(data, i), (source.path, source.heldout_path)):
+            if path and Path(path).suffix in LOADERS:
+                found.append((key, path, source.split))
+    return found
+
+
+def check_data_files(data: DataConfig) -> None:
+    for key, path, _ in local_data_files(data):
+        check_data_file(key, path)
+
+
+def check_data_rows(data: DataConfig) -> None:
+    """Every row of every local file has a known shape (read as the train stage reads it; datasets caches it)."""
+    for key, path, split in local_data_files(data):
+        load_source(data, path, split, f"{key}={path!r}", 0, None)
 
 
 def check_output_dir(output_dir: str, needed_bytes: int) -> None:
@@ -120,5 +134,5 @@ def estimated_run_bytes(name_or_path: str) -> int:
 
 def check(cfg) -> None:
     check_model(cfg.model.name_or_path, cfg.model.allow_pickle, cfg.model.trust_remote_code)
-    check_data_file(cfg.data.source)
+    check_data_files(cfg.data)
     check_output_dir(cfg.output_dir, estimated_run_bytes(cfg.model.name_or_path))

@@ -100,8 +100,12 @@ def plots(exp: Path, evaluation: dict, bench: dict) -> list[Path]:
     losses = json.loads((exp / "train" / "loss.json").read_text()) if (exp / "train" / "loss.json").is_file() else []
     if losses:
         fig, ax = plt.subplots(figsize=(6, 3.5))
-        ax.plot([e["step"] for e in losses], [e["loss"] for e in losses], marker=".")
-        ax.set(xlabel="step", ylabel="training loss", yscale="log", title="QLoRA training loss")
+        for key, label in (("loss", "training"), ("eval_loss", "held-out")):
+            points = [(e["step"], e[key]) for e in losses if key in e]
+            if points:
+                ax.plot(*zip(*points), marker=".", label=label)
+        ax.set(xlabel="step", ylabel="loss", yscale="log", title="QLoRA training loss")
+        ax.legend()
         save(fig, "train_loss.png")
 
     if bench.get("artifacts"):

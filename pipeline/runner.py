@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 from . import __version__, card, distributed, preflight, report
 from .artifacts import StageDir, fingerprint
 from .config import STAGES, Config, validate
+from .data import data_identity
 from .models import source_identity
 from .stages import StageUnavailable
 
@@ -44,6 +45,8 @@ def fingerprints(cfg: Config) -> dict[str, str]:
                    "upstream": {up: prints[up] for up in UPSTREAM[stage]}}
         if stage == "base":
             payload["source"] = source_identity(cfg.model)
+        if stage == "train":
+            payload["data_files"] = data_identity(cfg.data)  # an edited data file retrains
         prints[stage] = fingerprint(payload)
     return prints
 
@@ -129,6 +132,8 @@ def run_stages(cfg: Config, exp: Path) -> dict[str, dict]:
     artifacts = {stage: StageDir(store_dir(cfg), stage, prints[stage]) for stage in STAGES}
     forced = set(STAGES) if cfg.stage == "all" else {cfg.stage}
     main = distributed.is_main()
+    if main and "train" in plan(cfg.stage) and not artifacts["train"].is_fresh():
+        preflight.check_data_rows(cfg.data)  # every row readable, before the base stage loads a model
     if main and "gptq" in plan(cfg.stage) and not artifacts["gptq"].is_fresh():
         preflight.check_gptq_support(cfg.model)  # before training a model that could not be quantized
     results: dict[str, dict] = {}

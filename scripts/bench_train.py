@@ -1,8 +1,12 @@
 """Training throughput of the train stage against TRL's SFTTrainer on the same model, data, LoRA settings and
-steps. Writes JSON with both figures and the ratio (ours / TRL).
+steps, or of the train stage with data.packing off and on. Writes JSON with both figures and their ratio.
 
-    python scripts/bench_train.py                       # the embedded default, 10 steps
+    python scripts/bench_train.py                       # the embedded default, 10 steps, against TRL
     python scripts/bench_train.py train.max_steps=20 model.name_or_path=...   # any pipeline override
+    python scripts/bench_train.py packing data.source=chats.jsonl             # packing off / on
+
+Packing pays where lengths are uneven (padding is what it saves), e.g. short chats mixed with documents:
+    python scripts/bench_train.py packing 'data.sources=[{path: builtin}, {path: docs.jsonl}]'
 
 Needs `pip install trl` (not a runtime dependency). Both trainers run on the cached NF4 base (the script runs
 the base stage first if needed), with the same seed, batch size, learning rate and LoRA config, and the loss on
@@ -33,7 +37,7 @@ def last_loss(trainer) -> float | None:
 
 def ours(cfg, base_dir: Path, work: Path) -> tuple[dict, float]:
     tokenizer = load_tokenizer(base_dir)
-    dataset, _ = train.build_dataset(cfg, tokenizer, work)
+    dataset, _, _ = train.build_dataset(cfg, tokenizer, work)
     model = train.build_model(cfg, base_dir)
     trainer = train.build_trainer(cfg, model, tokenizer, dataset, work / "checkpoints")
     trainer.args.save_strategy = "no"
@@ -71,21 +75,36 @@ def trl(cfg, base_dir: Path, work: Path) -> dict:
     return {"seconds": seconds, "final_loss": last_loss(trainer)}
 
 
-def main(overrides: list[str]) -> None:
+def packing(cfg, base_dir: Path, work: Path) -> tuple[dict, float]:
+    """The train stage with data.packing off, then on: the same rows in the same order."""
+    results = {}
+    for packed in (False, True):
+        cfg.data.packing = packed
+        results[f"packing {'on' if packed else 'off'}"], mean_row_tokens = ours(cfg, base_dir, work / f"{packed}")
+    return results, mean_row_tokens
+
+
+def main(argv: list[str]) -> None:
+    mode, overrides = (argv[0], argv[1:]) if argv[:1] == ["packing"] else ("trl", argv)
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
         cfg = compose(config_name="config", overrides=["stage=base", "train.max_steps=10", *overrides])
     run(cfg)  # the cached NF4 base both trainers start from
     exp = experiment_dir(cfg)
-    work = exp / "bench_train"
-    mine, mean_row_tokens = ours(cfg, exp / "base" / "nf4", work)
-    results = {"ours (pipeline train stage)": mine, "trl SFTTrainer": trl(cfg, exp / "base" / "nf4", work)}
+    work, base_dir = exp / "bench_train", exp / "base" / "nf4"
+    if mode == "packing":
+        results, mean_row_tokens = packing(cfg, base_dir, work)
+    else:
+        mine, mean_row_tokens = ours(cfg, base_dir, work)
+        results = {"ours (pipeline train stage)": mine, "trl SFTTrainer": trl(cfg, base_dir, work)}
+    # Tokens of the examples themselves (padding excluded): the same in both runs.
     tokens = cfg.train.max_steps * cfg.train.batch_size * cfg.train.grad_accum * mean_row_tokens
     for r in results.values():
         r["tokens_per_s"] = tokens / r["seconds"]
-    mine, theirs = results.values()
+    first, second = (r["tokens_per_s"] for r in results.values())
+    ratio = {"ratio_packed_over_padded": second / first} if mode == "packing" else {"ratio_ours_over_trl": first / second}
     report = {"steps": cfg.train.max_steps, "batch_size": cfg.train.batch_size, "model": cfg.model.name_or_path,
-              "results": results, "ratio_ours_over_trl": mine["tokens_per_s"] / theirs["tokens_per_s"]}
-    out = exp / "bench_train.json"
+              "mean_example_tokens": mean_row_tokens, "results": results, **ratio}
+    out = exp / ("bench_train_packing.json" if mode == "packing" else "bench_train.json")
     out.write_text(json.dumps(report, indent=1))
     print(json.dumps(report, indent=1))
     print(f"written to {out}")

@@ -9,7 +9,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from pipeline.data import builtin_task, pydoc_texts, to_messages
+from pipeline.data import alpaca_messages, builtin_task, pydoc_texts
 from pipeline.runner import run
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
@@ -48,7 +48,7 @@ def train_tokenizer(chat_template: bool):
     from transformers import PreTrainedTokenizerFast
 
     texts = pydoc_texts(heldout=False)[:200] + [
-        f"{m['content']}" for row in builtin_task(500, seed=1) for m in to_messages(row)]
+        f"{m['content']}" for row in builtin_task(500, seed=1) for m in alpaca_messages(row["instruction"], row["input"], row["output"])]
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] if chat_template else ["<|endoftext|>"]
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

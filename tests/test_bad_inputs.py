@@ -24,6 +24,7 @@ BAD_DATA = {
     "malformed.jsonl": '{"instruction": "a", "output": "b"}\n{"instruction": \n'
                        '{"instruction": "c", "output": "d"}\n[1]\n',
     "columns.jsonl": '{"instruction": "a", "output": "b"}\n{"question": "a", "answer": "b"}\n',
+    "unknown.jsonl": '{"question": "a", "answer": "b"}\n',
 }
 
 # (override, what the error says[, exit code]); {tmp} is a folder with the files above.
@@ -58,8 +59,16 @@ CASES = [
     ("data.source={tmp}/missing.jsonl", "missing.jsonl': no such file"),
     ("data.source={tmp}/empty.jsonl", "empty.jsonl': the file is empty"),
     ("data.source={tmp}/malformed.jsonl", "malformed.jsonl': malformed JSON on line 2"),
-    ("data.source={tmp}/columns.jsonl",
-     "columns.jsonl': neither 'messages' nor 'instruction'/'output' fields on line 2"),
+    ("data.source={tmp}/columns.jsonl", "columns.jsonl': row 2 has no 'instruction'/'output' text"),
+    ("data.source={tmp}/unknown.jsonl", "unknown.jsonl': unknown row shape, columns ['question', 'answer']: expected"),
+    ("data.format=sharegpt", "data.format='sharegpt' is not allowed: auto, chat, alpaca, text"),
+    ("data.train_on=first_turn", "data.train_on='first_turn' is not allowed: all_turns or last_turn"),
+    ("data.source={tmp}/unknown.jsonl data.sources=[{{path:builtin}}]",
+     "data.source=('{tmp}/unknown.jsonl', None) is not allowed: left unset when data.sources lists the sources"),
+    ("data.sources=[{{path:builtin,weight:0}}]", "data.sources[0].weight=0.0 is not allowed: a positive number"),
+    ("data.sources=[{{path:builtin}},{{path:{tmp}/missing.jsonl}}]", "data.sources[1].path='{tmp}/missing.jsonl': no such"),
+    ("data.heldout_examples=0 train.eval_steps=5", "train.eval_steps=5 is not allowed: null when nothing is held out"),
+    ("train.report_to=comet", "train.report_to='comet' is not allowed: a list of tensorboard, wandb, mlflow"),
     ("output_dir=/proc/pipeline-outputs", "output_dir='/proc/pipeline-outputs': /proc is not writable"),
     ("stage=gptq gptq.calib_samples=100000", "gptq.calib_samples=100000: the pydoc text has only"),
 ]

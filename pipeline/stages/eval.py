@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ..config import Config, ConfigError
-from ..data import pydoc_texts, read_jsonl, token_windows
+from ..data import pydoc_texts, read_jsonl, row_text, task_chats, token_windows
 from ..models import (artifact_disk_bytes, artifact_paths, device, load_artifact, load_tokenizer, nf4_weight,
                       quantized_kernels)
 from ..quality import exact_match, perplexity
@@ -31,8 +31,7 @@ def ppl_texts(cfg: Config, tokenizer, train_dir: Path) -> list[str]:
     if source == "pydoc":
         return pydoc_texts(heldout=True)
     if source == "heldout":
-        return [tokenizer.apply_chat_template(row["messages"], tokenize=False)
-                for row in read_jsonl(train_dir / "data" / "heldout.jsonl")]
+        return [row_text(tokenizer, row) for row in read_jsonl(train_dir / "data" / "heldout.jsonl")]
     import datasets
 
     suffix = Path(source).suffix
@@ -77,9 +76,10 @@ def run(cfg: Config, work: Path, inputs: dict[str, Path]) -> dict:
     if len(windows) < e.ppl_windows:
         log.warning("eval: only %d perplexity windows of %d tokens available (%d asked)", len(windows),
                     e.ppl_seq_len, e.ppl_windows)
-    chats = [row["messages"] for row in read_jsonl(inputs["train"] / "data" / "heldout.jsonl")][:e.task_examples]
+    chats = task_chats(read_jsonl(inputs["train"] / "data" / "heldout.jsonl"))[:e.task_examples]
     if not chats:
-        log.warning("eval: no held-out rows (data.heldout_examples=0): task accuracy is not measured")
+        log.warning("eval: no held-out chats ending with an answer (text rows, or data.heldout_examples=0): task "
+                    "accuracy is not measured")
     if "rtn" in e.artifacts:
         quantize_rtn(cfg, inputs["merge"], work / "rtn")
     inputs = {**inputs, "rtn": work / "rtn"}

@@ -107,8 +107,8 @@ def run(cfg: Config, work: Path, inputs: dict[str, Path]) -> dict:
     for problem in problems:
         log.warning("gptq: the checkpoint will not serve in vLLM: %s", problem)
 
-    chats = [row["messages"] for row in read_jsonl(inputs["train"] / "data" / "train.jsonl")]
-    windows = calibration_windows(load_tokenizer(merged), g.calib_source, chats, g.calib_samples, g.calib_seq_len,
+    rows = read_jsonl(inputs["train"] / "data" / "train.jsonl")
+    windows = calibration_windows(load_tokenizer(merged), g.calib_source, rows, g.calib_samples, g.calib_seq_len,
                                   cfg.seed)
     calibration = [{"input_ids": w, "attention_mask": [1] * len(w)} for w in windows]
     quant_config = GPTQConfig(bits=g.bits, group_size=group_size, desc_act=g.desc_act, sym=g.sym,

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from ..config import Config
-from ..data import read_jsonl
+from ..data import read_jsonl, row_text
 from ..models import (device, load_causal_lm, load_tokenizer, nf4_in_float32, nf4_layers, repacked_for_cpu,
                       torch_dtype)
 
@@ -33,9 +33,9 @@ class MergeMismatch(RuntimeError):
 
 
 def probe_batch(tokenizer, train_dir: Path, n: int) -> dict:
-    """Whole chats (prompt and answer) from the held-out split, or the training split if nothing was held out."""
-    chats = read_jsonl(train_dir / "data" / "heldout.jsonl") or read_jsonl(train_dir / "data" / "train.jsonl")
-    texts = [tokenizer.apply_chat_template(c["messages"], tokenize=False) for c in chats[:n]]
+    """Whole rows (prompt and answer) from the held-out split, or the training split if nothing was held out."""
+    rows = read_jsonl(train_dir / "data" / "heldout.jsonl") or read_jsonl(train_dir / "data" / "train.jsonl")
+    texts = [row_text(tokenizer, row) for row in rows[:n]]
     return tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device())
 
 

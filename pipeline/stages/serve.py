@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from ..config import Config
-from ..data import read_jsonl
+from ..data import read_jsonl, task_chats
 from ..models import load_gptq, load_tokenizer
 from ..quality import generate_answers
 from . import StageUnavailable
@@ -206,7 +206,7 @@ def agreement(answers: list[str], others: list[str]) -> float | None:
 
 def run(cfg: Config, work: Path, inputs: dict[str, Path]) -> dict:
     s, checkpoint = cfg.serve, inputs["gptq"]
-    chats = [row["messages"] for row in read_jsonl(inputs["train"] / "data" / "heldout.jsonl")][:s.task_examples]
+    chats = task_chats(read_jsonl(inputs["train"] / "data" / "heldout.jsonl"))[:s.task_examples]
     prompts = [chat[:-1] for chat in chats] or [[{"role": "user", "content": "Say hello."}]]
     python = vllm_python(cfg)
 
