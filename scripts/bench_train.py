@@ -101,7 +101,8 @@ def main(argv: list[str]) -> None:
     for r in results.values():
         r["tokens_per_s"] = tokens / r["seconds"]
     first, second = (r["tokens_per_s"] for r in results.values())
-    ratio = {"ratio_packed_over_padded": second / first} if mode == "packing" else {"ratio_ours_over_trl": first / second}
+    ratio = ({"ratio_packed_over_padded": second / first} if mode == "packing" else
+             {"ratio_ours_over_trl": first / second})
     report = {"steps": cfg.train.max_steps, "batch_size": cfg.train.batch_size, "model": cfg.model.name_or_path,
               "mean_example_tokens": mean_row_tokens, "results": results, **ratio}
     out = exp / ("bench_train_packing.json" if mode == "packing" else "bench_train.json")

@@ -48,7 +48,8 @@ def train_tokenizer(chat_template: bool):
     from transformers import PreTrainedTokenizerFast
 
     texts = pydoc_texts(heldout=False)[:200] + [
-        f"{m['content']}" for row in builtin_task(500, seed=1) for m in alpaca_messages(row["instruction"], row["input"], row["output"])]
+        m["content"] for row in builtin_task(500, seed=1)
+        for m in alpaca_messages(row["instruction"], row["input"], row["output"])]
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] if chat_template else ["<|endoftext|>"]
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -49,7 +49,8 @@ def write(path: Path, rows: list[dict]) -> str:
     return str(path)
 
 
-ALPACA_FIRST = [{"role": "user", "content": TASK[0]["instruction"]}, {"role": "assistant", "content": TASK[0]["output"]}]
+ALPACA_FIRST = [{"role": "user", "content": TASK[0]["instruction"]},
+                {"role": "assistant", "content": TASK[0]["output"]}]
 # file name -> (rows written, a row as the pipeline reads it)
 SHAPES = {
     "sharegpt.jsonl": ([sharegpt(c) for c in chats(30)], {"messages": chats(30)[0]}),
@@ -84,6 +85,15 @@ def test_each_shape_is_read_without_conversion(data_dir, name):
     every = list(train) + list(heldout)
     assert {"messages": [], "text": "", **first} in every
     assert all(bool(r["messages"]) != bool(r["text"]) for r in every)
+
+
+def test_a_dataset_folder_is_read_like_a_hub_dataset(data_dir):
+    """A name that is no file goes to datasets.load_dataset as an HF dataset id; a local dataset repo works offline."""
+    repo = data_dir / "hub-dataset"
+    (repo / "data").mkdir(parents=True)
+    write(repo / "data" / "train-00000-of-00001.parquet", [sharegpt(c) for c in chats(20)])
+    train, heldout = read(data_dir, f"data.source={repo}", "data.split=train", "data.heldout_examples=2")
+    assert len(train) == 18 and {"messages": chats(20)[0], "text": ""} in [*train, *heldout]
 
 
 def test_columns_and_roles_of_another_shape_are_mapped(data_dir):
@@ -159,8 +169,8 @@ def test_sources_mix_by_weight_and_each_holds_out_its_own(tmp_path, tiny_model_d
     a = write(tmp_path / "a.jsonl", [{"instruction": f"alpha {i}", "output": "a"} for i in range(200)])
     b = write(tmp_path / "b.jsonl", [{"instruction": f"beta {i}", "output": "b"} for i in range(40)])
     b_heldout = write(tmp_path / "b-heldout.jsonl", [{"instruction": f"held {i}", "output": "b"} for i in range(7)])
-    cfg = compose_config("data.heldout_examples=10",
-                         f"data.sources=[{{path: {a}, weight: 0.25}}, {{path: {b}, weight: 0.75, heldout_path: {b_heldout}}}]")
+    sources = f"[{{path: {a}, weight: 0.25}}, {{path: {b}, weight: 0.75, heldout_path: {b_heldout}}}]"
+    cfg = compose_config("data.heldout_examples=10", f"data.sources={sources}")
     (_, train_a, heldout_a), (_, train_b, heldout_b) = load_sources(cfg.data, 0, None)
     assert (len(train_a), len(heldout_a), len(train_b), len(heldout_b)) == (190, 10, 40, 7)
     mixed = [r["messages"][0]["content"] for r in mix([train_a, train_b], [0.25, 0.75], seed=0)]
@@ -206,7 +216,7 @@ def test_packing_gives_the_losses_of_padded_batches(finished, data_dir, tmp_path
 
 # Trained and evaluated end to end: (data overrides, task accuracy measured?)
 END_TO_END = {
-    "sharegpt": ([f"data.source={{d}}/sharegpt.jsonl"], True),
+    "sharegpt": (["data.source={d}/sharegpt.jsonl"], True),
     "multi-turn with system": (["data.source={d}/chat.jsonl", "data.train_on=all_turns"], True),
     "text": (["data.source={d}/text.jsonl"], False),
     "two-source mix": (["data.sources=[{{path: {d}/chat.jsonl, weight: 0.7}}, {{path: {d}/text.jsonl, weight: 0.3}}]",
