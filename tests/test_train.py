@@ -60,3 +60,46 @@ def test_lora_init_is_seeded(tiny_model_dir):
     assert lora_a
     params_a, params_b = dict(first.named_parameters()), dict(second.named_parameters())
     assert all((params_a[n] == params_b[n]).all() for n in lora_a)
+
+
+def lora_gradients(model, ids) -> dict:
+    """One training step's gradients of the first layer's LoRA weights."""
+    model.train()
+    model.zero_grad()
+    model(input_ids=ids, labels=ids).loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if "layers.0." in n and "lora_B" in n}
+
+
+def test_held_out_evaluation_during_training_keeps_the_gradients(finished):
+    """train.eval_steps runs eval-mode forwards between training steps. On CPUs with AVX512-BF16 bitsandbytes would
+    repack the weights for inference there, and its inference kernel has no backward; the model that trains keeps
+    them as they are. The control forces the repacking, which works on either CPU class."""
+    import torch
+
+    from pipeline.models import nf4_layers, repacked_for_cpu
+    from pipeline.stages.train import build_model
+
+    out, overrides, _ = finished
+    model = build_model(compose_config(*overrides, "train.lora_dropout=0"), out / "default" / "base" / "nf4")
+    ids = torch.randint(0, 1000, (2, 32), generator=torch.Generator().manual_seed(0))
+
+    def after_an_eval_forward() -> dict:
+        model.eval()
+        with torch.no_grad():
+            model(input_ids=ids)
+        return lora_gradients(model, ids)
+
+    before = lora_gradients(model, ids)
+    assert before and all(g.abs().max() > 0 for g in before.values())
+    after = after_an_eval_forward()
+    assert not any(repacked_for_cpu(layer) for layer in nf4_layers(model))
+    assert all(torch.equal(before[n], after[n]) for n in before)
+
+    for layer in nf4_layers(model):
+        layer.support_avx512bf16_for_cpu = True  # what bitsandbytes does by itself on AVX512-BF16 CPUs
+    repacked = after_an_eval_forward()
+    assert all(repacked_for_cpu(layer) for layer in nf4_layers(model))
+    # No gradient through the base layers: the LoRA weights behind them (q/k/v behind o_proj, gate/up behind
+    # down_proj) get none; those on the residual stream still do.
+    lost = {n.split(".")[-4] for n, g in repacked.items() if g.abs().max() == 0}
+    assert {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"} <= lost, lost

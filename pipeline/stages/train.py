@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 from .. import distributed
 from ..config import Config, ConfigError, trackers
 from ..data import compact, load_sources, mix, tokenize_rows, write_jsonl
-from ..models import load_causal_lm, load_tokenizer
+from ..models import load_causal_lm, load_tokenizer, nf4_layers
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,11 @@ def build_model(cfg: Config, base_dir: Path):
     from transformers import set_seed
 
     model = load_causal_lm(base_dir, cfg.model, cfg.base.compute_dtype)
+    for layer in nf4_layers(model):
+        # On CPUs with AVX512-BF16, an eval-mode forward (train.eval_steps) would repack the 4-bit weights into
+        # bitsandbytes' CPU inference layout, whose kernel has no backward: every later step would get no gradient
+        # through the base layers. Kept in the standard layout, both CPU classes train alike.
+        layer.support_avx512bf16_for_cpu = False
     checkpointing = {"gradient_checkpointing_kwargs": {"use_reentrant": False}}
     if distributed.fsdp():
         # FSDP flattens each block into one tensor of one dtype: keep the norms in the storage dtype instead of
