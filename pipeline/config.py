@@ -264,6 +264,12 @@ def data_sources(data: DataConfig) -> list[DataSource]:
     return [DataSource(path=data.source, split=data.split, heldout_path=data.heldout_path)]
 
 
+def source_keys(data: DataConfig, i: int) -> tuple[str, str]:
+    """The config keys of source i's path and held-out path, for messages."""
+    return (f"data.sources[{i}].path", f"data.sources[{i}].heldout_path") if data.sources else \
+        ("data.source", "data.heldout_path")
+
+
 def heldout_of(data: DataConfig, source: DataSource) -> int | str:
     """What is held out of a source: a file or dataset of its own, or a number of rows split off it."""
     if source.heldout_path:
@@ -284,11 +290,10 @@ def validate_data(data: DataConfig) -> None:
            "left unset when data.sources lists the sources (and so is data.heldout_path)",
            (data.source, data.heldout_path))
     for i, source in enumerate(data_sources(data)):
-        key = f"data.sources[{i}]" if data.sources else "data.source"
-        _check(bool(source.path), f"{key}.path" if data.sources else key, "a file, a dataset id or builtin",
-               source.path)
-        _check(source.weight > 0, f"{key}.weight", "a positive number", source.weight)
-        _check(source.heldout_examples is None or source.heldout_examples >= 0, f"{key}.heldout_examples",
+        _check(bool(source.path), source_keys(data, i)[0], "a file, a dataset id or builtin", source.path)
+        # A single data.source always has weight 1 and no heldout_examples of its own: these concern data.sources.
+        _check(source.weight > 0, f"data.sources[{i}].weight", "a positive number", source.weight)
+        _check(source.heldout_examples is None or source.heldout_examples >= 0, f"data.sources[{i}].heldout_examples",
                "null or 0 or more", source.heldout_examples)
 
 

@@ -9,7 +9,7 @@ import os
 import random
 from pathlib import Path
 
-from .config import ConfigError, DataConfig, DataSource, data_sources, heldout_of
+from .config import ConfigError, DataConfig, DataSource, data_sources, heldout_of, source_keys
 
 log = logging.getLogger(__name__)
 
@@ -155,12 +155,6 @@ def split_rows(ds, heldout: int, seed: int, where: str):
     return parts["train"], parts["test"]
 
 
-def source_keys(data: DataConfig, i: int) -> tuple[str, str]:
-    """The config keys of source i's path and held-out path, for messages."""
-    return (f"data.sources[{i}].path", f"data.sources[{i}].heldout_path") if data.sources else \
-        ("data.source", "data.heldout_path")
-
-
 def load_sources(data: DataConfig, seed: int, workdir: Path | None) -> list[tuple[DataSource, object, object]]:
     """(source, training rows, held-out rows) for every source: held out of it, or read from its heldout_path."""
     loaded = []
@@ -203,16 +197,25 @@ def row_text(tokenizer, row: dict) -> str:
     return tokenizer.apply_chat_template(row["messages"], tokenize=False) if row.get("messages") else row["text"]
 
 
+def local_data_files(data: DataConfig) -> list[tuple[str, str, str]]:
+    """(config key, path, split) of every local file among the sources and their held-out files."""
+    found = []
+    for i, source in enumerate(data_sources(data)):
+        for key, path in zip(source_keys(data, i), (source.path, source.heldout_path)):
+            if path and Path(path).suffix in LOADERS:
+                found.append((key, path, source.split))
+    return found
+
+
 def data_identity(data: DataConfig) -> dict:
     """What identifies the data files, for the train stage's fingerprint: a hash of every local file's content."""
     import hashlib
 
     files = {}
-    for source in data_sources(data):
-        for path in (source.path, source.heldout_path):
-            if path and Path(path).is_file():
-                with open(path, "rb") as f:
-                    files[path] = hashlib.file_digest(f, "sha256").hexdigest()[:16]
+    for _, path, _ in local_data_files(data):
+        if Path(path).is_file():
+            with open(path, "rb") as f:
+                files[path] = hashlib.file_digest(f, "sha256").hexdigest()[:16]
     return files
 
 

@@ -8,8 +8,8 @@ import shutil
 from importlib import metadata
 from pathlib import Path
 
-from .config import ConfigError, DataConfig, ModelConfig, data_sources
-from .data import LOADERS, load_source, source_keys
+from .config import ConfigError, DataConfig, ModelConfig
+from .data import load_source, local_data_files
 from .models import gguf_file, is_hub_id
 
 GIB = 2**30
@@ -81,16 +81,6 @@ def check_data_file(key: str, source: str) -> None:
         if malformed:
             lines = ", ".join(map(str, malformed[:10])) + (f" and {len(malformed) - 10} more" if malformed[10:] else "")
             raise ConfigError(f"{key}={source!r}: malformed JSON on line {lines}")
-
-
-def local_data_files(data: DataConfig) -> list[tuple[str, str, str]]:
-    """(config key, path, split) of every local file among the sources and their held-out files."""
-    found = []
-    for i, source in enumerate(data_sources(data)):
-        for key, path in zip(source_keys(data, i), (source.path, source.heldout_path)):
-            if path and Path(path).suffix in LOADERS:
-                found.append((key, path, source.split))
-    return found
 
 
 def check_data_files(data: DataConfig) -> None:
