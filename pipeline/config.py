@@ -218,8 +218,8 @@ class LockConfig:
 @dataclass
 class Resources:
     """What one SLURM job of a stage asks for (read by conf/hydra/launcher/slurm.yaml)."""
-    gpus: int = 1  # also the number of tasks: one process per GPU
-    cpus_per_gpu: int = 8
+    gpus: int = 1  # also the number of tasks: one process per GPU; 0: a CPU-only job of one task
+    cpus_per_gpu: int = 8  # CPUs of each task
     mem_gb: int = 64
     timeout_min: int = 240
 
@@ -362,4 +362,8 @@ def validate(cfg: Any) -> None:
         _check(getattr(sv, key) > 0, f"serve.{key}", "a positive integer", getattr(sv, key))
     _check(cfg.push.repo_id is None or bool(re.fullmatch(r"[\w.-]+/[\w.-]+", cfg.push.repo_id)), "push.repo_id",
            "null or 'owner/name'", cfg.push.repo_id)
+    for stage, res in cfg.resources.items():
+        _check(res.gpus >= 0, f"resources.{stage}.gpus", "0 (a CPU-only job) or more", res.gpus)
+        for key in ("cpus_per_gpu", "mem_gb", "timeout_min"):
+            _check(getattr(res, key) > 0, f"resources.{stage}.{key}", "a positive integer", getattr(res, key))
     _check(sv.startup_timeout_s > 0, "serve.startup_timeout_s", "a positive number of seconds", sv.startup_timeout_s)

@@ -70,6 +70,7 @@ CASES = [
      "data.sources[1].path='{tmp}/missing.jsonl': no such file"),
     ("data.heldout_examples=0 train.eval_steps=5", "train.eval_steps=5 is not allowed: null when nothing is held out"),
     ("train.report_to=comet", "train.report_to='comet' is not allowed: a list of tensorboard, wandb, mlflow"),
+    ("resources.train.gpus=-1", "resources.train.gpus=-1 is not allowed: 0 (a CPU-only job) or more"),
     ("output_dir=/proc/pipeline-outputs", "output_dir='/proc/pipeline-outputs': /proc is not writable"),
     ("stage=gptq gptq.calib_samples=100000", "gptq.calib_samples=100000: the pydoc text has only"),
 ]

@@ -1,5 +1,7 @@
-"""Cluster use: a sweep through Hydra's submitit launcher shares upstream artifacts, DDP training through
-accelerate writes the adapter once, and concurrent runs of one stage are serialized by its lock."""
+"""Cluster use. On a real one-node SLURM cluster (scripts/slurm_local.sh): a sweep's points share the upstream
+artifacts and a later job finds them; a 2-task job trains DDP and writes one adapter; a job past its time limit is
+requeued and resumes to the same adapter; a cancelled job resumes when run again. Also: DDP through accelerate,
+sweep folder names, and concurrent runs of one stage serialized by its lock."""
 from __future__ import annotations
 
 import os
@@ -7,15 +9,16 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.utils import get_class
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file
 
-from pipeline.__main__ import sweep_point_name
+from pipeline.cluster import sweep_point_name
 from pipeline.artifacts import StageDir, read_manifest
 from pipeline.runner import fingerprints
 
@@ -40,73 +43,222 @@ def experiment_file(conf: Path, model: Path, *more: str) -> None:
     (conf / "experiment" / "tiny.yaml").write_text("# @package _global_\n" + OmegaConf.to_yaml(settings))
 
 
-def test_sweep_through_submitit_shares_the_upstream_stages(tiny_model_dir, tmp_path):
-    experiment_file(tmp_path / "conf", tiny_model_dir, "eval.artifacts=[merged,gptq]", "bench.artifacts=[gptq]")
-    out = tmp_path / "outputs"
-    result = pipeline("-m", "hydra/launcher=submitit_local", f"hydra.searchpath=[file://{tmp_path / 'conf'}]",
-                      "experiment=tiny", "stage=all", "gptq.bits=4,8", f"output_dir={out}")
-    assert result.returncode == 0, said(result)[-3000:]
+# ---- On a real scheduler: a one-node SLURM cluster on this machine (scripts/slurm_local.sh) ----
+SLURM_UP = Path(__file__).resolve().parents[1] / "scripts" / "slurm_local.sh"
+# Small jobs for the one node (its CPUs and memory, and two placeholder GPUs): one CPU and 3 GB a task.
+SMALL_JOBS = [f"resources.{stage}.{key}={value}" for stage in ("all", "base", "train", "merge", "gptq")
+              for key, value in (("cpus_per_gpu", 1), ("mem_gb", 3))]
+# A train of 2 tasks that works for some 45 s here: past the time at which SLURM warns a job with a 1-minute
+# limit and signal_delay_s=30 (up to 30 s in, at its 30-second granularity), on a faster machine too.
+LONG_TRAIN = ["stage=train", "resources.train.gpus=2", "train.max_steps=900", "train.save_steps=30",
+              "train.logging_steps=30"]
 
-    points = {bits: out / "tiny" / f"gptq.bits={bits}" for bits in (4, 8)}
+
+@pytest.fixture(scope="module")
+def slurm() -> None:
+    """A one-node SLURM cluster here: scripts/slurm_local.sh brings it up (as root; it installs the packages the
+    first time). Where that cannot be, these tests skip and say why; .ci/run sets PIPELINE_TEST_SLURM=required,
+    so that CI fails instead."""
+    up = subprocess.run([str(SLURM_UP)], capture_output=True, text=True, timeout=600)
+    if up.returncode:
+        why = f"no SLURM cluster here: {(up.stderr.strip().splitlines() or ['scripts/slurm_local.sh failed'])[-1]}"
+        if os.environ.get("PIPELINE_TEST_SLURM") == "required":
+            pytest.fail(why)
+        pytest.skip(why)
+
+
+def on_slurm(conf: Path, out: Path, *args: str) -> list[str]:
+    """A -m run through hydra/launcher=slurm, with the settings of the tiny experiment in `conf`."""
+    return ["-m", "hydra/launcher=slurm", "hydra.launcher.partition=debug", f"hydra.searchpath=[file://{conf}]",
+            "experiment=tiny", f"output_dir={out}", *args]
+
+
+def jobs(out: Path) -> list[Path]:
+    """The folder of each SLURM job (or job array task) submitit ran, with its logs: oldest first."""
+    return sorted((p for p in (out / "slurm").iterdir() if any(p.glob("*_log.out"))),
+                  key=lambda p: [int(n) for n in p.name.split("_")])
+
+
+def submission_script(job: Path) -> str:
+    """The sbatch script of a job; a job array's tasks share theirs."""
+    main = job.name.split("_")[0]
+    return (job.parent / main / f"{main}_submission.sh").read_text()
+
+
+def job_log(job: Path) -> str:
+    return "".join(p.read_text() for p in sorted(job.glob("*_log.*")))
+
+
+def test_sweep_on_slurm_shares_the_upstream_stages_and_a_later_job_finds_them(slurm, tiny_model_dir, tmp_path):
+    conf, out = tmp_path / "conf", tmp_path / "outputs"
+    experiment_file(conf, tiny_model_dir, *SMALL_JOBS)
+    sweep = pipeline(*on_slurm(conf, out, "stage=gptq", "gptq.bits=4,8", "train.max_steps=12"))
+    assert sweep.returncode == 0, said(sweep)[-3000:]
+    assert "sacct" not in said(sweep), "no accounting here: states come from squeue, with no warning on each poll"
+
+    points = {bits: out / "tiny" / f"gptq.bits={bits}" for bits in (4, 8)}  # named by what varies, nothing else
+    assert sorted(p.name for p in (out / "tiny").iterdir()) == ["gptq.bits=4", "gptq.bits=8"]
     for stage in ("base", "train", "merge"):  # one artifact, linked from both points
         assert (points[4] / stage).resolve() == (points[8] / stage).resolve(), stage
         assert len(list((out / "store").glob(f"{stage}-*"))) == 1, stage
     for bits, point in points.items():
-        assert (point / "gptq").is_symlink()
         assert read_manifest(point / "gptq")["config"]["gptq"]["bits"] == bits
     logs = "".join(p.read_text() for p in out.glob("tiny/*/logs/*.log"))
     for stage in ("base", "train", "merge"):
-        assert logs.count(f"{stage}: running") == 1, stage
-        assert logs.count(f"{stage}: up to date, skipped") == 1, stage
-    for stage in ("gptq", "eval", "bench"):
-        assert logs.count(f"{stage}: running") == 2, stage
-    sweep = (out / "tiny" / "sweep.md").read_text()  # the points side by side, whichever finished last wrote it
-    assert "[gptq.bits=4](gptq.bits=4/report.md)" in sweep and "[gptq.bits=8](gptq.bits=8/report.md)" in sweep
+        assert logs.count(f"{stage}: running") == 1 and logs.count(f"{stage}: up to date, skipped") == 1, stage
+    assert logs.count("gptq: running") == 2
+    points_jobs = jobs(out)
+    assert len(points_jobs) == 2, "one SLURM job a point"
+    for job in points_jobs:
+        script = submission_script(job)
+        assert "--gpus-per-node=1" in script and "--ntasks-per-node=1" in script and "--time=240" in script
+
+    # Later, in an allocation of its own (as on another node): a CPU-only job of one point, in the experiment folder.
+    later = pipeline(*on_slurm(conf, out, "stage=gptq", "gptq.bits=3", "resources.gptq.gpus=0"))
+    assert later.returncode == 0, said(later)[-3000:]
+    job = jobs(out)[-1]
+    script = submission_script(job)
+    assert "--gpus-per-node" not in script and "--ntasks-per-node=1" in script
+    log = job_log(job)
+    for stage in ("base", "train", "merge"):
+        assert f"{stage}: up to date, skipped" in log, stage
+    assert "gptq: done" in log and read_manifest(out / "tiny" / "gptq")["config"]["gptq"]["bits"] == 3
+
+
+@pytest.fixture(scope="module")
+def ddp_train_on_slurm(slurm, tiny_model_dir, tmp_path_factory):
+    """One uninterrupted SLURM job of 2 tasks that trains: (conf, output_dir, the command's result)."""
+    tmp = tmp_path_factory.mktemp("ddp-slurm")
+    conf, out = tmp / "conf", tmp / "outputs"
+    experiment_file(conf, tiny_model_dir, *SMALL_JOBS)
+    return conf, out, pipeline(*on_slurm(conf, out, *LONG_TRAIN))
+
+
+def test_two_task_train_job_on_slurm_writes_the_adapter_once(ddp_train_on_slurm):
+    _, out, result = ddp_train_on_slurm
+    assert result.returncode == 0, said(result)[-3000:]
+    assert_one_ddp_adapter(out, out / "tiny", steps=900)
+    (job,) = jobs(out)
+    assert "--ntasks-per-node=2" in submission_script(job)
+
+
+def release_requeued(launcher: subprocess.Popen) -> None:
+    """Wait for the launcher; meanwhile start every requeued job at once: SLURM holds a requeued batch job for 2
+    minutes before it may start again, a wait that tests nothing of ours."""
+    while launcher.poll() is None:
+        held = subprocess.run(["squeue", "--me", "--noheader", "--states=PENDING", "--format=%i %r"],
+                              capture_output=True, text=True).stdout.split()
+        for job, reason in zip(held[::2], held[1::2]):
+            if reason == "BeginTime":
+                subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
+        time.sleep(1)
+
+
+def test_train_job_past_its_time_limit_is_requeued_and_resumes_to_the_same_adapter(ddp_train_on_slurm, tmp_path):
+    conf, straight, _ = ddp_train_on_slurm
+    out, log = tmp_path / "outputs", tmp_path / "launcher.log"
+    # A 1-minute limit; SLURM sends submitit's signal to requeue 30 s before it (up to 30 s earlier still), so
+    # a run may train for only a few seconds: allow several requeues.
+    args = on_slurm(conf, out, *LONG_TRAIN, "resources.train.timeout_min=1", "hydra.launcher.signal_delay_s=30",
+                    "hydra.launcher.max_num_timeout=6")
+    launcher = subprocess.Popen([sys.executable, "-m", "pipeline", *args], stdout=log.open("w"),
+                                stderr=subprocess.STDOUT, env=ENV)
+    release_requeued(launcher)
+    assert launcher.wait() == 0, log.read_text()[-3000:]
+
+    (job,) = jobs(out)  # one job, run several times
+    runs = job_log(job)
+    assert runs.count("Requeued job") >= 1 and "this job is timed-out" in runs
+    assert runs.count("resuming from checkpoint-") >= 1
+    metrics = read_manifest(out / "tiny" / "train")["metrics"]
+    assert metrics["resumed_from"].startswith("checkpoint-") and metrics["steps"] == 900
+    resumed, uninterrupted = (load_file(o / "tiny" / "train" / "adapter" / "adapter_model.safetensors")
+                              for o in (out, straight))
+    assert resumed.keys() == uninterrupted.keys()
+    for name in resumed:
+        assert (resumed[name] - uninterrupted[name]).abs().max().item() < 1e-4, name
+
+
+def test_cancelled_train_job_resumes_when_run_again(slurm, tiny_model_dir, tmp_path):
+    conf, out, log = tmp_path / "conf", tmp_path / "outputs", tmp_path / "launcher.log"
+    experiment_file(conf, tiny_model_dir, *SMALL_JOBS)
+    args = on_slurm(conf, out, "stage=train", "resources.train.gpus=0", "train.max_steps=300", "train.save_steps=10")
+    launcher = subprocess.Popen([sys.executable, "-m", "pipeline", *args], stdout=log.open("w"),
+                                stderr=subprocess.STDOUT, env=ENV)
+    deadline = time.time() + 300
+    while not list(out.glob("store/.train-*.partial/checkpoints/checkpoint-*/trainer_state.json")):
+        assert launcher.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+        time.sleep(0.2)
+    (job,) = jobs(out)
+    subprocess.run(["scancel", job.name.split("_")[0]], check=True)
+    # The launcher learns it from squeue (no accounting here) and stops, instead of waiting forever.
+    assert launcher.wait(timeout=120) != 0
+    assert "state: CANCELLED" in log.read_text(), log.read_text()[-3000:]
+    assert read_manifest(out / "tiny" / "train") is None
+
+    again = pipeline(*args)
+    assert again.returncode == 0, said(again)[-3000:]
+    assert "resuming from checkpoint-" in job_log(jobs(out)[-1])
+    metrics = read_manifest(out / "tiny" / "train")["metrics"]
+    assert metrics["resumed_from"].startswith("checkpoint-") and metrics["steps"] == 300
 
 
 def test_slurm_launcher_asks_for_each_stage_resources():
-    for stage, gpus in (("train", 4), ("gptq", 1)):
+    for stage, gpus, request, tasks in (("train", 4, 4, 4), ("gptq", 1, 1, 1), ("eval", 0, None, 1)):
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-            cfg = compose("config", ["hydra/launcher=slurm", f"stage={stage}", "hydra.launcher.partition=gpu"],
-                          return_hydra_config=True)
+            cfg = compose("config", ["hydra/launcher=slurm", f"stage={stage}", "hydra.launcher.partition=gpu",
+                                     f"resources.{stage}.gpus={gpus}"], return_hydra_config=True)
         launcher = cfg.hydra.launcher
-        assert (launcher.gpus_per_node, launcher.tasks_per_node, launcher.partition) == (gpus, gpus, "gpu")
+        assert (launcher.gpus_per_node, launcher.tasks_per_node, launcher.partition) == (request, tasks, "gpu")
         assert launcher.timeout_min == cfg.resources[stage].timeout_min
     assert get_class(launcher._target_).__name__ == "SlurmLauncher"
 
 
-def test_sweep_point_names_are_folder_names():
-    assert sweep_point_name("gptq.bits=3,train.lr=0.001") == "gptq.bits=3,train.lr=0.001"
-    assert sweep_point_name("") == ""  # nothing but excluded keys: the experiment folder itself
-    assert sweep_point_name("data.source=/data/chats.jsonl") == "data.source=_data_chats.jsonl"
-    long = sweep_point_name(",".join(f"train.lora_r={r}" for r in range(40)))
+def hydra_job(sweep_dir: Path, *overrides: str, sweeper_params: dict | None = None) -> DictConfig:
+    """What a sweep point's job sees of Hydra: its own overrides, and the sweep's directory."""
+    return OmegaConf.create({"overrides": {"task": list(overrides)}, "sweep": {"dir": str(sweep_dir)},
+                             "job": {"config": {"override_dirname": {"exclude_keys": ["experiment", "output_dir"]}}},
+                             "sweeper": {"params": sweeper_params}})
+
+
+def test_sweep_points_are_named_by_what_varies(tmp_path):
+    def point(command: list[str], job: list[str], sweeper_params: dict | None = None) -> str:
+        # Hydra writes the sweep's own config, command line included, to multirun.yaml before any job starts.
+        sweep = OmegaConf.create({"hydra": hydra_job(tmp_path, *command, sweeper_params=sweeper_params)})
+        OmegaConf.save(sweep, tmp_path / "multirun.yaml")
+        return sweep_point_name(hydra_job(tmp_path, *job))
+
+    shared = ["model.name_or_path=/models/m", "experiment=a,b", "output_dir=/o"]  # experiment: a folder of its own
+    assert point([*shared, "gptq.bits=3,4", "train.lr=1e-3,2e-3"], [*shared[:1], "experiment=a", "output_dir=/o",
+                 "train.lr=1e-3", "gptq.bits=3"]) == "gptq.bits=3,train.lr=1e-3"
+    assert point([*shared, "gptq.bits=4"], [*shared[:1], "gptq.bits=4"]) == ""  # one point: the experiment folder
+    assert point(["data.source=/d/a.jsonl,/d/b.jsonl"], ["data.source=/d/a.jsonl"]) == "data.source=_d_a.jsonl"
+    assert point(["gptq.bits=4"], ["gptq.bits=4", "train.lora_r=8"], {"train.lora_r": "8,16"}) == "train.lora_r=8"
+    deep = "/data" * 40
+    long = point([f"data.source={deep}/a.jsonl,{deep}/b.jsonl"], [f"data.source={deep}/a.jsonl"])
     assert len(long) < 120 and "/" not in long
 
 
-@pytest.mark.parametrize("launch", ["accelerate", "submitit"])
+@pytest.mark.parametrize("launch", ["accelerate"])
 def test_ddp_train_on_two_processes_writes_the_adapter_once(launch, tiny_model_dir, tmp_path):
+    # --multi_gpu is accelerate's torchrun launcher; without a GPU its processes train over gloo on the CPU.
+    out = tmp_path / "outputs"
+    accelerate = (str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu", "--num_processes",
+                  "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no")
+    result = pipeline("stage=train", f"model.name_or_path={tiny_model_dir}", *TINY, f"output_dir={out}",
+                      launcher=accelerate)
+    assert result.returncode == 0, said(result)[-3000:]
+    assert_one_ddp_adapter(out, out / "default", steps=12)
+
+
+def assert_one_ddp_adapter(out: Path, exp: Path, steps: int) -> None:
+    """A 2-process train: rank 0 wrote the adapter, once; rank 1 trained and logged, and wrote nothing."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    out = tmp_path / "outputs"
-    if launch == "accelerate":
-        # --multi_gpu is accelerate's torchrun launcher; without a GPU its processes train over gloo on the CPU.
-        accelerate = (str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu", "--num_processes",
-                      "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no")
-        result = pipeline("stage=train", f"model.name_or_path={tiny_model_dir}", *TINY, f"output_dir={out}",
-                          launcher=accelerate)
-        exp = out / "default"
-    else:  # a SLURM job with two tasks, as submitit's local executor runs it
-        experiment_file(tmp_path / "conf", tiny_model_dir)
-        result = pipeline("-m", "hydra/launcher=submitit_local", "hydra.launcher.tasks_per_node=2",
-                          f"hydra.searchpath=[file://{tmp_path / 'conf'}]", "experiment=tiny", "stage=train",
-                          f"output_dir={out}")
-        exp = out / "tiny"
-    assert result.returncode == 0, said(result)[-3000:]
-
     train = exp / "train"
     manifest = read_manifest(train)
-    assert manifest["processes"] == 2 and manifest["metrics"]["steps"] == 12
+    assert manifest["processes"] == 2 and manifest["metrics"]["steps"] == steps
     assert manifest["metrics"]["final_loss"] < manifest["metrics"]["first_loss"]
     assert not (train / "adapter" / "training_args.bin").exists()
     assert len(list((out / "store").glob("train-*"))) == 1 and not list((out / "store").glob(".*.partial"))
