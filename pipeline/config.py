@@ -148,6 +148,18 @@ ARTIFACTS = ("base16", "nf4", "qlora", "merged", "gptq", "rtn")
 
 
 @dataclass
+class LmEvalConfig:
+    """lm-evaluation-harness on every artifact (pipeline/harness.py)."""
+    # pipeline_text and pipeline_heldout (the pipeline's own, offline), lm-eval's (hellaswag, arc_easy, mmlu...:
+    # these read the hub) or tasks of your own in include_path. [] turns lm-eval off.
+    tasks: list = field(default_factory=lambda: ["pipeline_text", "pipeline_heldout"])
+    include_path: Optional[str] = None  # a folder of task YAML
+    batch_size: int = 8
+    limit: Optional[int] = None  # examples per task (null: all)
+    num_fewshot: Optional[int] = None  # null: each task's default
+
+
+@dataclass
 class EvalConfig:
     # base16: the base model in 16 bits; nf4: the NF4 base; qlora: NF4 base + adapter; merged; gptq;
     # rtn: round-to-nearest quantization of the merged model at the GPTQ bits and group size (a reference).
@@ -161,6 +173,7 @@ class EvalConfig:
     max_new_tokens: int = 16
     batch_size: int = 16
     histogram_layer: str = "model.layers.0.mlp.down_proj"
+    lm_eval: LmEvalConfig = field(default_factory=LmEvalConfig)
 
 
 @dataclass
@@ -352,6 +365,13 @@ def validate(cfg: Any) -> None:
         _check(set(names) <= set(allowed), key, f"a list of {', '.join(allowed)}", list(names))
     _check(cfg.eval.ppl_windows > 0 and cfg.eval.ppl_seq_len > 1, "eval.ppl_windows/ppl_seq_len",
            "positive integers", (cfg.eval.ppl_windows, cfg.eval.ppl_seq_len))
+    lm = cfg.eval.lm_eval
+    _check(lm.batch_size > 0, "eval.lm_eval.batch_size", "a positive integer", lm.batch_size)
+    _check(lm.limit is None or lm.limit > 0, "eval.lm_eval.limit", "null (all) or a positive integer", lm.limit)
+    _check(lm.num_fewshot is None or lm.num_fewshot >= 0, "eval.lm_eval.num_fewshot", "null or 0 or more",
+           lm.num_fewshot)
+    _check(all(isinstance(t, str) and t for t in lm.tasks), "eval.lm_eval.tasks", "a list of task names",
+           list(lm.tasks))
     _check(cfg.bench.matrix in ("auto", "full", "cpu"), "bench.matrix", "auto, full or cpu", cfg.bench.matrix)
     _check(cfg.bench.repeats > 0, "bench.repeats", "a positive integer", cfg.bench.repeats)
     _check(cfg.bench.compile in ("auto", "all", "none"), "bench.compile", "auto, all or none", cfg.bench.compile)

@@ -1,7 +1,9 @@
-"""Quality measures shared by the stages and the tests: task exact match with greedy decoding, perplexity."""
+"""Quality measures shared by the stages and the tests: task exact match and character similarity with greedy
+decoding, perplexity."""
 from __future__ import annotations
 
 import math
+from difflib import SequenceMatcher
 
 import torch
 from tqdm.auto import tqdm
@@ -27,9 +29,21 @@ def generate_answers(model, tokenizer, chats: list[list[dict]], max_new_tokens: 
     return [a.strip() for a in answers]
 
 
-def exact_match(model, tokenizer, chats: list[list[dict]], **kwargs) -> float:
+def answer_scores(answers: list[str], references: list[str]) -> dict[str, float | None]:
+    """The share of answers equal to their reference (accuracy) and, as partial credit, their mean character
+    similarity to it (difflib's ratio: 1 for the same text, 0 for nothing in common), so that an answer one
+    digit off still counts for most of one. None for no answers."""
+    if not answers:
+        return {"accuracy": None, "similarity": None}
+    pairs = list(zip(answers, references, strict=True))
+    return {"accuracy": sum(a == r for a, r in pairs) / len(pairs),
+            "similarity": sum(SequenceMatcher(None, a, r).ratio() for a, r in pairs) / len(pairs)}
+
+
+def task_scores(model, tokenizer, chats: list[list[dict]], **kwargs) -> dict[str, float | None]:
+    """answer_scores of the model's greedy answers to the chats' prompts against their last messages."""
     answers = generate_answers(model, tokenizer, chats, **kwargs)
-    return sum(a == chat[-1]["content"].strip() for a, chat in zip(answers, chats)) / max(len(chats), 1)
+    return answer_scores(answers, [chat[-1]["content"].strip() for chat in chats])
 
 
 @torch.no_grad()

@@ -9,8 +9,8 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 REFERENCE = "merged"
-COLUMNS = ("artifact", "size MB", "params MB", "ppl", "task acc", "prefill ms", "decode tok/s", "compiled tok/s",
-           "roofline", "peak mem MB")
+COLUMNS = ("artifact", "size MB", "params MB", "ppl", "task acc", "task sim", "prefill ms", "decode tok/s",
+           "compiled tok/s", "roofline", "peak mem MB")
 
 
 def _load(path: Path) -> dict:
@@ -44,7 +44,7 @@ def rows(evaluation: dict, bench: dict, served: dict | None = None) -> list[dict
         single, fast = _batch1(b), _batch1(b, compiled=True)
         table.append({
             "artifact": name, "size": e.get("disk_bytes"), "params": e.get("param_bytes"), "ppl": e.get("ppl"),
-            "task": e.get("task_accuracy"),
+            "task": e.get("task_accuracy"), "similarity": e.get("task_similarity"),
             "prefill": single["prefill_ms"]["median"] if single else None,
             "decode": single["decode_tok_s"]["median"] if single else None,
             "compiled": fast["decode_tok_s"]["median"] if fast else None,
@@ -55,7 +55,7 @@ def rows(evaluation: dict, bench: dict, served: dict | None = None) -> list[dict
         single = next((level for level in served["load"] if level["concurrency"] == 1), None)
         gptq = next((r for r in table if r["artifact"] == "gptq"), {})
         table.append({"artifact": SERVED, "size": gptq.get("size"), "params": None, "ppl": None,
-                      "task": served["task_accuracy"],
+                      "task": served["task_accuracy"], "similarity": served.get("task_similarity"),
                       "prefill": single["ttft_s"]["p50"] * 1e3 if single and single["ttft_s"] else None,
                       "decode": single["output_tok_s"] if single else None, "compiled": None, "roofline": None,
                       "peak": None})
@@ -78,7 +78,7 @@ def markdown(table: list[dict]) -> str:
             return (r[key] / mb if r[key] else None), (ref.get(key) / mb if ref.get(key) else None)
         cells = [r["artifact"], _cell(*scaled("size"), ".1f"), _cell(*scaled("params"), ".1f"),
                  _cell(r["ppl"], ref.get("ppl"), ".2f"), _cell(r["task"], None, ".1%", ratio=False),
-                 _cell(r["prefill"], ref.get("prefill"), ".1f"), _cell(r["decode"], ref.get("decode"), ".1f"),
+                 _cell(r["similarity"], None, ".1%", ratio=False), _cell(r["prefill"], ref.get("prefill"), ".1f"), _cell(r["decode"], ref.get("decode"), ".1f"),
                  _compiled(r), _cell(r["roofline"], None, ".1%", ratio=False), _cell(*scaled("peak"), ".0f")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -222,6 +222,23 @@ def kernels(exp: Path) -> list[str]:
     return lines + (["", f"![bench_kernels]({image.name})"] if image.is_file() else [])
 
 
+def lm_eval_table(evaluation: dict) -> list[str]:
+    """lm-evaluation-harness scores: one row per artifact, one column per task and metric, ratios to merged."""
+    scored = {name: r["lm_eval"] for name, r in evaluation.get("artifacts", {}).items() if r.get("lm_eval")}
+    if not scored:
+        return []
+    columns = list(dict.fromkeys((task, metric) for tasks in scored.values()
+                                 for task, metrics in tasks.items() for metric in metrics))
+    ref = scored.get(REFERENCE, {})
+    lines = ["lm-evaluation-harness (in parentheses: the ratio to merged):", "",
+             "| artifact | " + " | ".join(f"{task} {metric}" for task, metric in columns) + " |",
+             "|" + "---|" * (len(columns) + 1)]
+    for name, tasks in scored.items():
+        cells = [_cell(tasks.get(task, {}).get(metric), ref.get(task, {}).get(metric), ".4g") for task, metric in columns]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def write(exp: Path, not_run: dict[str, str] | None = None) -> str | None:
     """Write report.md and the plots from whatever eval.json / bench.json / serve.json exist; returns the table.
     `not_run` gives the stages this run could not run, and why."""
@@ -230,7 +247,7 @@ def write(exp: Path, not_run: dict[str, str] | None = None) -> str | None:
         return None
     table = markdown(rows(evaluation, bench, served))
     images = plots(exp, evaluation, bench)
-    text = [f"# Report: {exp.name}", "", table, "", *notes(bench), "", *serving(served, not_run or {}), "",
+    text = [f"# Report: {exp.name}", "", table, "", *lm_eval_table(evaluation), "", *notes(bench), "", *serving(served, not_run or {}), "",
             *kernels(exp), "", *[f"![{p.stem}]({p.name})" for p in images]]
     replace(exp / "report.md", "\n".join(text) + "\n")
     return table

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from . import __version__, card, distributed, preflight, report
+from . import __version__, card, distributed, harness, preflight, report
 from .artifacts import StageDir, fingerprint
 from .config import STAGES, Config, validate
 from .data import data_identity
@@ -134,6 +134,8 @@ def run_stages(cfg: Config, exp: Path) -> dict[str, dict]:
     main = distributed.is_main()
     if main and "train" in plan(cfg.stage) and not artifacts["train"].is_fresh():
         preflight.check_data_rows(cfg.data)  # every row readable, before the base stage loads a model
+    if main and "eval" in plan(cfg.stage) and not artifacts["eval"].is_fresh():
+        harness.check_tasks(cfg.eval.lm_eval)  # an unknown task name stops the run before any model loads
     if main and "gptq" in plan(cfg.stage) and not artifacts["gptq"].is_fresh():
         preflight.check_gptq_support(cfg.model)  # before training a model that could not be quantized
     results: dict[str, dict] = {}

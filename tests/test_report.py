@@ -27,6 +27,8 @@ def test_eval_measures_every_artifact(finished):
     for name, r in results.items():
         assert 1 < r["ppl"] < 5000 and math.isfinite(r["ppl"]), name
         assert 0 <= r["task_accuracy"] <= 1 and r["param_bytes"] > 0, name
+        # partial credit: an exact answer scores 1, so the similarity is never below the accuracy
+        assert r["task_accuracy"] <= r["task_similarity"] <= 1, name
     assert results["gptq"]["kernels"] and not results["merged"]["kernels"]
     assert results["nf4"]["param_bytes"] < results["base16"]["param_bytes"]
     assert results["gptq"]["disk_bytes"] < results["merged"]["disk_bytes"]
@@ -61,7 +63,7 @@ def test_report_has_the_table_and_plots(finished):
     out, _, _ = finished
     exp = out / "default"
     report = (exp / "report.md").read_text()
-    assert ("| artifact | size MB | params MB | ppl | task acc | prefill ms | decode tok/s | compiled tok/s | "
+    assert ("| artifact | size MB | params MB | ppl | task acc | task sim | prefill ms | decode tok/s | compiled tok/s | "
             "roofline |") in report
     assert "x eager, " in report  # the merged model's compiled decode
     for name in ARTIFACTS:

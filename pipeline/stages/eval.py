@@ -2,7 +2,8 @@
 
 For each artifact (base16, nf4, qlora, merged, gptq, and rtn: round-to-nearest quantization of the merged model
 at the GPTQ bits and group size, made here as a reference point): perplexity on held-out text, exact-match task
-accuracy with greedy decoding on the held-out split, size on disk and parameter memory. Also a histogram of one
+accuracy and character similarity (partial credit) of greedy answers on the held-out split, lm-evaluation-harness
+tasks (pipeline/harness.py), size on disk and parameter memory. Also a histogram of one
 layer's weights in the original, NF4 and GPTQ models.
 """
 from __future__ import annotations
@@ -13,11 +14,12 @@ from pathlib import Path
 
 import torch
 
+from .. import harness
 from ..config import Config, ConfigError
 from ..data import pydoc_texts, read_jsonl, row_text, task_chats, token_windows
 from ..models import (artifact_disk_bytes, artifact_paths, device, load_artifact, load_tokenizer, nf4_weight,
                       quantized_kernels)
-from ..quality import exact_match, perplexity
+from ..quality import perplexity, task_scores
 from . import gptq
 
 log = logging.getLogger(__name__)
@@ -72,7 +74,8 @@ def quantize_rtn(cfg: Config, merged: Path, out: Path) -> None:
 def run(cfg: Config, work: Path, inputs: dict[str, Path]) -> dict:
     e = cfg.eval
     tokenizer = load_tokenizer(inputs["base"] / "nf4")
-    windows = token_windows(tokenizer, ppl_texts(cfg, tokenizer, inputs["train"]), e.ppl_seq_len)[:e.ppl_windows]
+    texts = ppl_texts(cfg, tokenizer, inputs["train"])
+    windows = token_windows(tokenizer, texts, e.ppl_seq_len)[:e.ppl_windows]
     if len(windows) < e.ppl_windows:
         log.warning("eval: only %d perplexity windows of %d tokens available (%d asked)", len(windows),
                     e.ppl_seq_len, e.ppl_windows)
@@ -80,6 +83,12 @@ def run(cfg: Config, work: Path, inputs: dict[str, Path]) -> dict:
     if not chats:
         log.warning("eval: no held-out chats ending with an answer (text rows, or data.heldout_examples=0): task "
                     "accuracy is not measured")
+    # lm-eval: the pipeline's own tasks score the same documents (as many as perplexity windows) and chats.
+    own = harness.write_own_tasks(work / "lm_eval_tasks", texts[:e.ppl_windows], chats, tokenizer)
+    lm_tasks = [task for task in e.lm_eval.tasks if task in own or task not in harness.OWN_TASKS]
+    for task in set(e.lm_eval.tasks) - set(lm_tasks):
+        log.warning("eval: lm-eval task %s has no data here (no held-out chats ending with an answer): skipped", task)
+    manager = harness.task_manager(e.lm_eval.include_path, work / "lm_eval_tasks") if lm_tasks else None
     if "rtn" in e.artifacts:
         quantize_rtn(cfg, inputs["merge"], work / "rtn")
     inputs = {**inputs, "rtn": work / "rtn"}
@@ -103,17 +112,21 @@ def run(cfg: Config, work: Path, inputs: dict[str, Path]) -> dict:
             if dense is not None:
                 weights[name] = dense.flatten().cpu()
         results[name]["ppl"] = perplexity(model, windows)
-        results[name]["task_accuracy"] = exact_match(model, tokenizer, chats, max_new_tokens=e.max_new_tokens,
-                                                     batch_size=e.batch_size) if chats else None
-        log.info("eval: %s ppl %.2f, task accuracy %s", name, results[name]["ppl"], results[name]["task_accuracy"])
+        scores = task_scores(model, tokenizer, chats, max_new_tokens=e.max_new_tokens, batch_size=e.batch_size)
+        results[name]["task_accuracy"], results[name]["task_similarity"] = scores["accuracy"], scores["similarity"]
+        log.info("eval: %s ppl %.2f, task accuracy %s, similarity %s", name, results[name]["ppl"],
+                 scores["accuracy"], scores["similarity"])
+        if lm_tasks:
+            results[name]["lm_eval"] = harness.evaluate(model, tokenizer, lm_tasks, manager, e.lm_eval)
+            log.info("eval: %s lm-eval %s", name, results[name]["lm_eval"])
         del model
 
     report = {"ppl_source": e.ppl_source, "ppl_windows": len(windows), "ppl_seq_len": e.ppl_seq_len,
-              "task_examples": len(chats), "artifacts": results}
+              "task_examples": len(chats), "lm_eval_tasks": lm_tasks, "artifacts": results}
     if weights:
         reference = next(iter(weights.values()))
         lo, hi = reference.quantile(0.001).item(), reference.quantile(0.999).item()
         counts = {name: torch.histc(w.clamp(lo, hi), HISTOGRAM_BINS, lo, hi).tolist() for name, w in weights.items()}
         report["weight_histogram"] = {"layer": e.histogram_layer, "range": [lo, hi], "counts": counts}
     (work / "eval.json").write_text(json.dumps(report, indent=1))
-    return {name: {k: v for k, v in r.items() if k in ("ppl", "task_accuracy")} for name, r in results.items()}
+    return {name: {k: v for k, v in r.items() if k in ("ppl", "task_accuracy", "task_similarity")} for name, r in results.items()}

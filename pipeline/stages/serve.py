@@ -32,7 +32,7 @@ import torch
 from ..config import Config
 from ..data import read_jsonl, task_chats
 from ..models import load_gptq, load_tokenizer
-from ..quality import generate_answers
+from ..quality import answer_scores, generate_answers
 from . import StageUnavailable
 
 log = logging.getLogger(__name__)
@@ -199,11 +199,6 @@ def load(url: str, prompts: list[list[dict]], concurrency: int, requests: int, m
             "ttft_s": {"p50": statistics.median(ttfts), "p95": percentile(ttfts, 0.95)} if ttfts else None}
 
 
-def agreement(answers: list[str], others: list[str]) -> float | None:
-    """The share of answers equal to the other list's (None for no answers)."""
-    return sum(a == b for a, b in zip(answers, others)) / len(answers) if answers else None
-
-
 def run(cfg: Config, work: Path, inputs: dict[str, Path]) -> dict:
     s, checkpoint = cfg.serve, inputs["gptq"]
     chats = task_chats(read_jsonl(inputs["train"] / "data" / "heldout.jsonl"))[:s.task_examples]
@@ -224,12 +219,14 @@ def run(cfg: Config, work: Path, inputs: dict[str, Path]) -> dict:
                      (levels[-1]["ttft_s"] or {}).get("p50", float("nan")))
 
     truth = [chat[-1]["content"].strip() for chat in chats]
+    scores = answer_scores(served, truth)
     report = {
         "server": {"python": python, "vllm": vllm_version(python), "max_model_len": s.max_model_len},
         "task_examples": len(chats),
-        "task_accuracy": agreement(served, truth),
-        "transformers_task_accuracy": agreement(expected, truth),
-        "agreement_with_transformers": agreement(served, expected),
+        "task_accuracy": scores["accuracy"],
+        "task_similarity": scores["similarity"],
+        "transformers_task_accuracy": answer_scores(expected, truth)["accuracy"],
+        "agreement_with_transformers": answer_scores(served, expected)["accuracy"],
         "answers": [{"served": a, "transformers": b, "expected": t} for a, b, t in zip(served, expected, truth)],
         "load": levels,
     }
