@@ -1,6 +1,7 @@
 """lm-evaluation-harness: its tasks scored in-process on a model the pipeline loaded (so the quantized kernels are
 the pipeline's), offline. Two tasks of the pipeline's own, written at eval time from the data eval measures:
-- pipeline_text: rolling log-likelihood of the perplexity documents (word and byte perplexity, bits per byte);
+- pipeline_text: rolling log-likelihood of the text eval's perplexity reads, its windows as documents (word and
+  byte perplexity, bits per byte);
 - pipeline_heldout: log-likelihood of each held-out answer after its chat prompt: `acc` (the answer is the
   model's greedy continuation) and `perplexity` of the answer.
 Any other task is lm-eval's own (hellaswag, arc_easy, mmlu: these read the hub) or one of the user's YAML files

@@ -74,8 +74,7 @@ def quantize_rtn(cfg: Config, merged: Path, out: Path) -> None:
 def run(cfg: Config, work: Path, inputs: dict[str, Path]) -> dict:
     e = cfg.eval
     tokenizer = load_tokenizer(inputs["base"] / "nf4")
-    texts = ppl_texts(cfg, tokenizer, inputs["train"])
-    windows = token_windows(tokenizer, texts, e.ppl_seq_len)[:e.ppl_windows]
+    windows = token_windows(tokenizer, ppl_texts(cfg, tokenizer, inputs["train"]), e.ppl_seq_len)[:e.ppl_windows]
     if len(windows) < e.ppl_windows:
         log.warning("eval: only %d perplexity windows of %d tokens available (%d asked)", len(windows),
                     e.ppl_seq_len, e.ppl_windows)
@@ -83,8 +82,9 @@ def run(cfg: Config, work: Path, inputs: dict[str, Path]) -> dict:
     if not chats:
         log.warning("eval: no held-out chats ending with an answer (text rows, or data.heldout_examples=0): task "
                     "accuracy is not measured")
-    # lm-eval: the pipeline's own tasks score the same documents (as many as perplexity windows) and chats.
-    own = harness.write_own_tasks(work / "lm_eval_tasks", texts[:e.ppl_windows], chats, tokenizer)
+    # lm-eval: the pipeline's own tasks score the same text as perplexity (its windows) and the same chats.
+    window_texts = [tokenizer.decode(window, skip_special_tokens=True) for window in windows]
+    own = harness.write_own_tasks(work / "lm_eval_tasks", window_texts, chats, tokenizer)
     lm_tasks = [task for task in e.lm_eval.tasks if task in own or task not in harness.OWN_TASKS]
     for task in set(e.lm_eval.tasks) - set(lm_tasks):
         log.warning("eval: lm-eval task %s has no data here (no held-out chats ending with an answer): skipped", task)
