@@ -28,6 +28,16 @@ def task_manager(include_path: str | None, own: Path | None = None):
     return TaskManager(include_path=paths or None)
 
 
+def include_identity(include_path: str | None) -> dict[str, str]:
+    """A hash of every file under include_path, for the eval stage's fingerprint: edited task YAML re-evaluates."""
+    import hashlib
+
+    if not include_path or not Path(include_path).is_dir():
+        return {}
+    return {str(path): hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+            for path in sorted(Path(include_path).rglob("*")) if path.is_file()}
+
+
 def check_tasks(lm_eval: LmEvalConfig) -> None:
     """Every task named is one lm-eval knows (its own, the user's YAML, or the pipeline's): before any model loads."""
     if lm_eval.include_path and not Path(lm_eval.include_path).is_dir():

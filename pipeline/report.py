@@ -78,7 +78,8 @@ def markdown(table: list[dict]) -> str:
             return (r[key] / mb if r[key] else None), (ref.get(key) / mb if ref.get(key) else None)
         cells = [r["artifact"], _cell(*scaled("size"), ".1f"), _cell(*scaled("params"), ".1f"),
                  _cell(r["ppl"], ref.get("ppl"), ".2f"), _cell(r["task"], None, ".1%", ratio=False),
-                 _cell(r["similarity"], None, ".1%", ratio=False), _cell(r["prefill"], ref.get("prefill"), ".1f"), _cell(r["decode"], ref.get("decode"), ".1f"),
+                 _cell(r["similarity"], None, ".1%", ratio=False), _cell(r["prefill"], ref.get("prefill"), ".1f"),
+                 _cell(r["decode"], ref.get("decode"), ".1f"),
                  _compiled(r), _cell(r["roofline"], None, ".1%", ratio=False), _cell(*scaled("peak"), ".0f")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -234,7 +235,8 @@ def lm_eval_table(evaluation: dict) -> list[str]:
              "| artifact | " + " | ".join(f"{task} {metric}" for task, metric in columns) + " |",
              "|" + "---|" * (len(columns) + 1)]
     for name, tasks in scored.items():
-        cells = [_cell(tasks.get(task, {}).get(metric), ref.get(task, {}).get(metric), ".4g") for task, metric in columns]
+        cells = [_cell(tasks.get(task, {}).get(metric), ref.get(task, {}).get(metric), ".4g")
+                 for task, metric in columns]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines
 
@@ -247,8 +249,8 @@ def write(exp: Path, not_run: dict[str, str] | None = None) -> str | None:
         return None
     table = markdown(rows(evaluation, bench, served))
     images = plots(exp, evaluation, bench)
-    text = [f"# Report: {exp.name}", "", table, "", *lm_eval_table(evaluation), "", *notes(bench), "", *serving(served, not_run or {}), "",
-            *kernels(exp), "", *[f"![{p.stem}]({p.name})" for p in images]]
+    text = [f"# Report: {exp.name}", "", table, "", *lm_eval_table(evaluation), "", *notes(bench), "",
+            *serving(served, not_run or {}), "", *kernels(exp), "", *[f"![{p.stem}]({p.name})" for p in images]]
     replace(exp / "report.md", "\n".join(text) + "\n")
     return table
 

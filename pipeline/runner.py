@@ -47,6 +47,8 @@ def fingerprints(cfg: Config) -> dict[str, str]:
             payload["source"] = source_identity(cfg.model)
         if stage == "train":
             payload["data_files"] = data_identity(cfg.data)  # an edited data file retrains
+        if stage == "eval" and cfg.eval.lm_eval.include_path:
+            payload["lm_eval_files"] = harness.include_identity(cfg.eval.lm_eval.include_path)
         prints[stage] = fingerprint(payload)
     return prints
 

@@ -88,14 +88,21 @@ def test_a_task_of_my_own_runs_from_the_include_path(copy_of, tmp_path):
     (tasks / "my_capitals.yaml").write_text(textwrap.dedent(MY_TASK.format(data=tasks / "capitals.jsonl")))
 
     exp, run = copy_of
-    run("stage=eval", "eval.artifacts=[merged,gptq]", "eval.lm_eval.tasks=[my_capitals]",
-        f"eval.lm_eval.include_path={tasks}", "eval.lm_eval.limit=6")
+    mine = ("stage=eval", "eval.artifacts=[merged,gptq]", "eval.lm_eval.tasks=[my_capitals]",
+            f"eval.lm_eval.include_path={tasks}", "eval.lm_eval.limit=6")
+    assert run(*mine)["eval"]["status"] != "cached"
     evaluation = json.loads((exp / "eval" / "eval.json").read_text())
     for name in ("merged", "gptq"):
         scores = evaluation["artifacts"][name]["lm_eval"]
         assert list(scores) == ["my_capitals"]
         assert {"acc", "acc_norm"} <= set(scores["my_capitals"]) and 0 <= scores["my_capitals"]["acc"] <= 1
     assert read_manifest(exp / "eval")["config"]["eval"]["lm_eval"]["include_path"] == str(tasks)
+    assert run(*mine)["eval"]["status"] == "cached"
+    task_yaml = tasks / "my_capitals.yaml"
+    task_yaml.write_text(task_yaml.read_text().replace("  - metric: acc_norm\n", ""))
+    assert run(*mine)["eval"]["status"] != "cached", "an edited task re-evaluates"
+    assert "acc_norm" not in json.loads((exp / "eval" / "eval.json").read_text())["artifacts"]["gptq"]["lm_eval"][
+        "my_capitals"]
 
 
 def test_task_similarity_gives_partial_credit():

@@ -63,8 +63,8 @@ def test_report_has_the_table_and_plots(finished):
     out, _, _ = finished
     exp = out / "default"
     report = (exp / "report.md").read_text()
-    assert ("| artifact | size MB | params MB | ppl | task acc | task sim | prefill ms | decode tok/s | compiled tok/s | "
-            "roofline |") in report
+    assert ("| artifact | size MB | params MB | ppl | task acc | task sim | prefill ms | decode tok/s | "
+            "compiled tok/s | roofline |") in report
     assert "x eager, " in report  # the merged model's compiled decode
     for name in ARTIFACTS:
         assert f"| {name} |" in report
