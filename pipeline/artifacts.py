@@ -39,6 +39,17 @@ def fingerprint(payload: Any) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def content_hashes(paths) -> dict[str, str]:
+    """A hash of each file's content, keyed by its path as given (paths that are no file are left out): put in a
+    stage's fingerprint, an edited input file rebuilds the stage."""
+    hashes = {}
+    for path in paths:
+        if Path(path).is_file():
+            with open(path, "rb") as f:
+                hashes[str(path)] = hashlib.file_digest(f, "sha256").hexdigest()[:16]
+    return hashes
+
+
 def library_versions() -> dict[str, str]:
     versions = {}
     for name in LIBRARIES:

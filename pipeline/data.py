@@ -9,6 +9,7 @@ import os
 import random
 from pathlib import Path
 
+from .artifacts import content_hashes
 from .config import ConfigError, DataConfig, DataSource, data_sources, heldout_of, source_keys
 
 log = logging.getLogger(__name__)
@@ -209,14 +210,7 @@ def local_data_files(data: DataConfig) -> list[tuple[str, str, str]]:
 
 def data_identity(data: DataConfig) -> dict:
     """What identifies the data files, for the train stage's fingerprint: a hash of every local file's content."""
-    import hashlib
-
-    files = {}
-    for _, path, _ in local_data_files(data):
-        if Path(path).is_file():
-            with open(path, "rb") as f:
-                files[path] = hashlib.file_digest(f, "sha256").hexdigest()[:16]
-    return files
+    return content_hashes(path for _, path, _ in local_data_files(data))
 
 
 # The chat template for tokenizers that have none (base models, GPT-NeoX-style tokenizers): Zephyr's plain-text

@@ -11,31 +11,27 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .artifacts import content_hashes
 from .config import ConfigError, LmEvalConfig
 from .data import chat_prompt
 
-OWN_TASKS = ("pipeline_text", "pipeline_heldout")
-OWN_METRICS = {"pipeline_text": ("word_perplexity", "byte_perplexity", "bits_per_byte"),
-               "pipeline_heldout": ("acc", "perplexity")}
-OWN_FIELDS = {"pipeline_text": ("", "{{text}}", "loglikelihood_rolling"),
-              "pipeline_heldout": ("{{prompt}}", "{{answer}}", "loglikelihood")}
+# The pipeline's tasks: (doc_to_text, doc_to_target, output_type, metrics).
+OWN_TASKS = {"pipeline_text": ("", "{{text}}", "loglikelihood_rolling",
+                               ("word_perplexity", "byte_perplexity", "bits_per_byte")),
+             "pipeline_heldout": ("{{prompt}}", "{{answer}}", "loglikelihood", ("acc", "perplexity"))}
 
 
-def task_manager(include_path: str | None, own: Path | None = None):
+def task_manager(include_path: str | None, own: Path | None = None, defaults: bool = True):
+    """lm-eval's task index; `defaults` adds lm-eval's own thousands of tasks (indexing them takes seconds)."""
     from lm_eval.tasks import TaskManager
 
     paths = [str(p) for p in (own, include_path) if p]
-    return TaskManager(include_path=paths or None)
+    return TaskManager(include_path=paths or None, include_defaults=defaults)
 
 
 def include_identity(include_path: str | None) -> dict[str, str]:
     """A hash of every file under include_path, for the eval stage's fingerprint: edited task YAML re-evaluates."""
-    import hashlib
-
-    if not include_path or not Path(include_path).is_dir():
-        return {}
-    return {str(path): hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-            for path in sorted(Path(include_path).rglob("*")) if path.is_file()}
+    return content_hashes(sorted(Path(include_path).rglob("*"))) if include_path else {}
 
 
 def check_tasks(lm_eval: LmEvalConfig) -> None:
@@ -64,11 +60,11 @@ def write_own_tasks(folder: Path, texts: list[str], chats: list[list[dict]], tok
             continue
         data = folder / f"{task}.jsonl"
         data.write_text("".join(json.dumps(row) + "\n" for row in task_rows))
-        text, target, output_type = OWN_FIELDS[task]
+        text, target, output_type, metrics = OWN_TASKS[task]
         spec = {"task": task, "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(data.resolve())}},
                 "test_split": "test", "output_type": output_type, "doc_to_text": text, "doc_to_target": target,
                 "target_delimiter": "",  # the prompt ends where the answer starts: no space between them
-                "metric_list": [{"metric": metric} for metric in OWN_METRICS[task]]}
+                "metric_list": [{"metric": metric} for metric in metrics]}
         (folder / f"{task}.yaml").write_text(json.dumps(spec, indent=1))  # JSON is YAML
         written.append(task)
     return written

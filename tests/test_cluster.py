@@ -239,8 +239,7 @@ def test_sweep_points_are_named_by_what_varies(tmp_path):
     assert len(long) < 120 and "/" not in long
 
 
-@pytest.mark.parametrize("launch", ["accelerate"])
-def test_ddp_train_on_two_processes_writes_the_adapter_once(launch, tiny_model_dir, tmp_path):
+def test_ddp_train_through_accelerate_writes_the_adapter_once(tiny_model_dir, tmp_path):
     # --multi_gpu is accelerate's torchrun launcher; without a GPU its processes train over gloo on the CPU.
     out = tmp_path / "outputs"
     accelerate = (str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu", "--num_processes",

@@ -88,7 +88,10 @@ def run(cfg: Config, work: Path, inputs: dict[str, Path]) -> dict:
     lm_tasks = [task for task in e.lm_eval.tasks if task in own or task not in harness.OWN_TASKS]
     for task in set(e.lm_eval.tasks) - set(lm_tasks):
         log.warning("eval: lm-eval task %s has no data here (no held-out chats ending with an answer): skipped", task)
-    manager = harness.task_manager(e.lm_eval.include_path, work / "lm_eval_tasks") if lm_tasks else None
+    manager = None
+    if lm_tasks:  # lm-eval's own thousands of tasks are indexed only when a task needs them
+        manager = harness.task_manager(e.lm_eval.include_path, work / "lm_eval_tasks",
+                                       defaults=any(task not in harness.OWN_TASKS for task in lm_tasks))
     if "rtn" in e.artifacts:
         quantize_rtn(cfg, inputs["merge"], work / "rtn")
     inputs = {**inputs, "rtn": work / "rtn"}
@@ -129,4 +132,5 @@ def run(cfg: Config, work: Path, inputs: dict[str, Path]) -> dict:
         counts = {name: torch.histc(w.clamp(lo, hi), HISTOGRAM_BINS, lo, hi).tolist() for name, w in weights.items()}
         report["weight_histogram"] = {"layer": e.histogram_layer, "range": [lo, hi], "counts": counts}
     (work / "eval.json").write_text(json.dumps(report, indent=1))
-    return {name: {k: v for k, v in r.items() if k in ("ppl", "task_accuracy", "task_similarity")} for name, r in results.items()}
+    summary = ("ppl", "task_accuracy", "task_similarity")
+    return {name: {k: v for k, v in r.items() if k in summary} for name, r in results.items()}
