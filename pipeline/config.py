@@ -137,13 +137,22 @@ class GPTQConfig:
     group_size: Optional[int] = None
     desc_act: bool = False  # vLLM refuses dynamic act-order checkpoints
     sym: bool = True
+    # GPTQModel's solvers, all saving the standard GPTQ format: gptq, gptaq (also corrects for the quantized
+    # layers' changed inputs) or foem (first-order error compensation).
+    method: str = "gptq"
+    # Static act-order inside groups (keeps the vLLM format). null: on with method=gptq; GPTAQ and FOEM ignore it.
+    act_group_aware: Optional[bool] = None
+    mse: float = 0.0  # > 0: search each group's range, minimizing sum |w - q|^mse (GPTQ's paper: 2.4); 0: min/max
     damp_percent: float = 0.05
+    refine: str = "none"  # none | quantease: coordinate descent on the layer error from the GPTQ solution
+    refine_sweeps: int = 30
     calib_samples: int = 64
     calib_seq_len: int = 128
     calib_source: str = "mixed"  # pydoc | train | mixed
     batch_size: int = 1
 
 
+GPTQ_METHODS = ("gptq", "gptaq", "foem")
 ARTIFACTS = ("base16", "nf4", "qlora", "merged", "gptq", "rtn")
 
 
@@ -357,6 +366,16 @@ def validate(cfg: Any) -> None:
     _check(gs is None or gs == -1 or (gs > 0 and gs & (gs - 1) == 0), "gptq.group_size",
            "null (auto), -1 (per channel) or a positive power of two", gs)
     _check(0 < g.damp_percent < 1, "gptq.damp_percent", "a number in (0, 1)", g.damp_percent)
+    _check(g.method in GPTQ_METHODS, "gptq.method", " or ".join(GPTQ_METHODS), g.method)
+    _check(not (g.act_group_aware and g.method != "gptq"), "gptq.act_group_aware",
+           f"null or false with gptq.method={g.method} (GPTQModel's GPTAQ and FOEM ignore it)", g.act_group_aware)
+    _check(not (g.act_group_aware and g.desc_act), "gptq.act_group_aware",
+           "null or false with gptq.desc_act=true (both order the columns)", g.act_group_aware)
+    _check(g.mse == 0 or 1 <= g.mse <= 8, "gptq.mse", "0 (min/max range) or an exponent in [1, 8]", g.mse)
+    _check(g.refine in ("none", "quantease"), "gptq.refine", "none or quantease", g.refine)
+    _check(g.refine == "none" or g.method == "gptq", "gptq.refine",
+           f"none with gptq.method={g.method} (QuantEase refines the plain GPTQ solution)", g.refine)
+    _check(g.refine_sweeps > 0, "gptq.refine_sweeps", "a positive integer", g.refine_sweeps)
     _check(g.calib_samples > 0, "gptq.calib_samples", "a positive integer", g.calib_samples)
     _check(g.calib_seq_len > 0, "gptq.calib_seq_len", "a positive integer", g.calib_seq_len)
     _check(g.calib_source in ("pydoc", "train", "mixed"), "gptq.calib_source", "pydoc, train or mixed", g.calib_source)

@@ -256,16 +256,25 @@ def write(exp: Path, not_run: dict[str, str] | None = None) -> str | None:
 
 
 def write_sweep(root: Path) -> str | None:
-    """`<experiment>/sweep.md`: the GPTQ checkpoint of every sweep point side by side, rewritten as points finish."""
-    lines = ["| sweep point | gptq ppl | merged ppl | gptq task acc | gptq decode tok/s | gptq size MB |",
-             "|---|---|---|---|---|---|"]
-    for point in sorted(p for p in root.iterdir() if (p / "report.md").is_file()):
-        by_name = {r["artifact"]: r for r in rows(_load(point / "eval" / "eval.json"),
-                                                   _load(point / "bench" / "bench.json"))}
+    """`<experiment>/sweep.md`: the GPTQ checkpoint of every sweep point side by side (quality, lm-eval scores,
+    the gptq stage's time, speed and size), rewritten as points finish."""
+    points = sorted(p for p in root.iterdir() if (p / "report.md").is_file())
+    evals = {p: _load(p / "eval" / "eval.json") for p in points}
+    scores = {p: e.get("artifacts", {}).get("gptq", {}).get("lm_eval", {}) for p, e in evals.items()}
+    lm_columns = list(dict.fromkeys((task, metric) for tasks in scores.values()
+                                    for task, metrics in tasks.items() for metric in metrics))
+    lines = ["| sweep point | gptq ppl | merged ppl | task acc | task sim | "
+             + "".join(f"{task} {metric} | " for task, metric in lm_columns)
+             + "gptq s | decode tok/s | size MB |", "|" + "---|" * (8 + len(lm_columns))]
+    for point in points:
+        by_name = {r["artifact"]: r for r in rows(evals[point], _load(point / "bench" / "bench.json"))}
         gptq, merged = by_name.get("gptq", {}), by_name.get("merged", {})
         size = gptq.get("size") and gptq["size"] / 1e6
+        seconds = _load(point / "gptq" / "manifest.json").get("seconds")
+        lm = "".join(f"{_cell(scores[point].get(task, {}).get(metric), None, '.4g')} | " for task, metric in lm_columns)
         lines.append(f"| [{point.name}]({point.name}/report.md) | {_cell(gptq.get('ppl'), None, '.2f')} | "
                      f"{_cell(merged.get('ppl'), None, '.2f')} | {_cell(gptq.get('task'), None, '.1%', False)} | "
+                     f"{_cell(gptq.get('similarity'), None, '.1%', False)} | {lm}{_cell(seconds, None, '.0f')} | "
                      f"{_cell(gptq.get('decode'), None, '.1f')} | {_cell(size, None, '.1f')} |")
     if len(lines) == 2:
         return None

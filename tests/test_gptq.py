@@ -3,15 +3,16 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from pipeline import quantease
 from pipeline.data import read_jsonl
 from pipeline.models import load_tokenizer
 from pipeline.quality import generate_answers
 from pipeline.stages.gptq import choose_group_size, vllm_problems
 from pipeline.stages.merge import compare, probe_batch, probe_logits
-
 
 
 def test_gptq_checkpoint_loads_with_plain_transformers(finished):
@@ -48,3 +49,63 @@ def test_non_default_settings_are_recorded(finished):
     manifest = json.loads((out / "default" / "gptq" / "manifest.json").read_text())
     assert manifest["config"]["gptq"]["bits"] == 4
     assert manifest["metrics"]["kernel"]  # the kernel GPTQModel picked on this device
+
+
+def grid_problem(seed: int, rows: int = 48, cols: int = 96, bits: int = 3, group: int = 32):
+    """A layer's weights, calibration inputs with a few loud channels (as LLM activations have), and a symmetric
+    per-group grid with the weights rounded to it (where GPTQModel's RTN would start)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(cols, 512, generator=gen) * torch.rand(cols, 1, generator=gen)
+    x[:4] *= 8
+    w = torch.randn(rows, cols, generator=gen) * 0.05
+    maxq = 2 ** bits - 1
+    groups = torch.arange(cols) // group
+    scale = (2 * w.abs().view(rows, -1, group).amax(-1) / maxq)[:, groups]
+    zero = torch.full_like(scale, (maxq + 1) / 2)
+    return w, x, scale, zero, maxq, quantease.on_grid(w, scale, zero, maxq)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_quantease_lowers_the_layer_error_on_the_same_grid(seed):
+    w, x, scale, zero, maxq, start = grid_problem(seed)
+    hessian = x @ x.T
+    refined, before, after = quantease.refine(w, start, hessian, scale, zero, maxq, sweeps=30)
+    # The error it reports is the layer's output error ||WX - QX||^2 / ||WX||^2, computed here from X itself.
+    assert before == pytest.approx(((w - start) @ x).square().sum().item() / (w @ x).square().sum().item(), rel=1e-4)
+    assert after == pytest.approx(((w - refined) @ x).square().sum().item() / (w @ x).square().sum().item(), rel=1e-4)
+    assert after < 0.9 * before
+    assert torch.equal(quantease.on_grid(refined, scale, zero, maxq), refined)  # same scales and zeros: on the grid
+    # Each rounded sweep sets every column to its best grid value given the others: it never raises the error.
+    q, errors = start, [before]
+    for _ in range(4):  # a one-sweep refine is one rounded sweep
+        q, _, error = quantease.refine(w, q, hessian, scale, zero, maxq, sweeps=1)
+        errors.append(error)
+    assert errors == sorted(errors, reverse=True) and errors[-1] < errors[0]
+    # Further sweeps from QuantEase's own solution find nothing better (a fixed point of the coordinate updates).
+    assert quantease.refine(w, refined, hessian, scale, zero, maxq, sweeps=1)[2] == pytest.approx(after, rel=1e-5)
+
+
+def test_quantease_refined_checkpoint_keeps_the_gptq_format(finished, copy_of):
+    from safetensors.torch import load_file
+
+    exp, rerun = copy_of
+    plain = load_file(exp / "gptq" / "model.safetensors")
+    rerun("stage=gptq", "gptq.refine=quantease", "gptq.refine_sweeps=8")
+    manifest = json.loads((exp / "gptq" / "manifest.json").read_text())
+    summary = manifest["metrics"]["quantease"]
+    errors = json.loads((exp / "gptq" / "quantease_errors.json").read_text())
+    assert summary["layers"] == len(errors) == 14  # 2 layers x 7 linear modules
+    assert all(after <= before for before, after in errors.values())
+    assert summary["layer_error_after"] < 0.95 * summary["layer_error_before"]
+
+    refined = load_file(exp / "gptq" / "model.safetensors")
+    assert refined.keys() == plain.keys()
+    # The first layer's q/k/v see the same inputs in both runs (later modules see refined upstream outputs, so
+    # GPTQ picks their grids from other data): QuantEase kept GPTQ's grid and changed the integer codes.
+    first = [f"model.layers.0.self_attn.{m}_proj" for m in "qkv"]
+    for module in first:
+        for part in ("scales", "qzeros", "g_idx"):
+            assert torch.equal(refined[f"{module}.{part}"], plain[f"{module}.{part}"]), (module, part)
+    assert any(not torch.equal(refined[f"{m}.qweight"], plain[f"{m}.qweight"]) for m in first)
+    model = AutoModelForCausalLM.from_pretrained(exp / "gptq", device_map="cpu")
+    assert any(hasattr(m, "qweight") for m in model.modules())

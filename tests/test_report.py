@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -99,3 +100,19 @@ def test_push_uploads_the_checkpoint_or_says_why_not(finished, copy_of):
     said = result.stdout + result.stderr
     assert result.returncode == 2 and "push.repo_id='me/tiny-gptq': the upload failed" in said, said[-2000:]
     assert "Traceback" not in said
+
+
+def test_sweep_table_has_a_row_per_point_with_lm_eval_and_gptq_time(finished, tmp_path):
+    from pipeline.report import write_sweep
+
+    out, _, _ = finished
+    for point in ("gptq.bits=3", "gptq.bits=4"):  # two points: copies of the finished experiment
+        shutil.copytree(out / "default", tmp_path / "sweep" / point, symlinks=False)
+    table = write_sweep(tmp_path / "sweep").splitlines()
+    assert (tmp_path / "sweep" / "sweep.md").read_text().endswith(table[-1] + "\n")
+    header = [cell.strip() for cell in table[0].strip("|").split("|")]
+    assert "pipeline_text bits_per_byte" in header and "pipeline_heldout acc" in header and "gptq s" in header
+    assert len(table) == 4 and all(len(row.strip("|").split("|")) == len(header) for row in table[2:])
+    seconds = json.loads((out / "default" / "gptq" / "manifest.json").read_text())["seconds"]
+    row = dict(zip(header, (cell.strip() for cell in table[2].strip("|").split("|"))))
+    assert row["sweep point"].startswith("[gptq.bits=3]") and row["gptq s"] == f"{seconds:.0f}"

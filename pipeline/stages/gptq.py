@@ -7,6 +7,8 @@ the manifest's `vllm_compatible` is true.
 from __future__ import annotations
 
 import contextlib
+import functools
+import json
 import logging
 import os
 import shutil
@@ -14,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from .. import quantease
 from ..config import Config
 from ..data import calibration_windows, read_jsonl
 from ..models import device, load_gptq, load_tokenizer, meta_model, quantized_kernels
@@ -74,9 +77,11 @@ def offload_finds_the_head(merged: Path, trust_remote_code: bool) -> bool:
     return check_and_get_model_definition(str(merged), trust_remote_code=trust_remote_code).lm_head in names
 
 
-def quantize(cfg: Config, merged: Path, out: Path, quant_config, calibration: list[dict] | None) -> None:
+def quantize(cfg: Config, merged: Path, out: Path, quant_config, calibration: list[dict] | None,
+             refinement=contextlib.nullcontext) -> None:
     """Quantize the merged checkpoint with GPTQModel (GPTQ with calibration data, RTN without) into `out`.
-    `quant_config` offloads to `out / "offload"` (GPTQModel's default is the system temp dir)."""
+    `quant_config` offloads to `out / "offload"` (GPTQModel's default is the system temp dir); `refinement`
+    is a context active while GPTQModel quantizes."""
     from gptqmodel import GPTQModel
     from transformers import GenerationConfig, set_seed
 
@@ -88,7 +93,7 @@ def quantize(cfg: Config, merged: Path, out: Path, quant_config, calibration: li
         quant_config.offload_to_disk = False
     set_seed(cfg.seed)
     model = GPTQModel.load(str(merged), quant_config, device=device(), trust_remote_code=cfg.model.trust_remote_code)
-    with contextlib.chdir(out):  # GPTQModel writes its per-layer stats to ./logs: keep them with the artifact
+    with contextlib.chdir(out), refinement():  # GPTQModel writes per-layer stats to ./logs: keep them with it
         model.quantize(calibration, batch_size=cfg.gptq.batch_size)
     model.save(str(out))
     # GPTQModel writes a generation config that turns sampling on: keep the merged model's, so that a server
@@ -111,9 +116,26 @@ def run(cfg: Config, work: Path, inputs: dict[str, Path]) -> dict:
     windows = calibration_windows(load_tokenizer(merged), g.calib_source, rows, g.calib_samples, g.calib_seq_len,
                                   cfg.seed)
     calibration = [{"input_ids": w, "attention_mask": [1] * len(w)} for w in windows]
+    # GPTQModel turns act_group_aware on by default, but its GPTAQ and FOEM solvers never read it: say so.
+    act_group_aware = g.act_group_aware if g.method == "gptq" else False
     quant_config = GPTQConfig(bits=g.bits, group_size=group_size, desc_act=g.desc_act, sym=g.sym,
-                              damp_percent=g.damp_percent, offload_to_disk_path=str(work.resolve() / "offload"))
-    quantize(cfg, merged, work, quant_config, calibration)
+                              act_group_aware=act_group_aware, mse=g.mse, damp_percent=g.damp_percent,
+                              gptaq={} if g.method == "gptaq" else None, foem={} if g.method == "foem" else None,
+                              offload_to_disk_path=str(work.resolve() / "offload"))
+    errors: dict[str, tuple[float, float]] = {}
+    refinement = contextlib.nullcontext
+    if g.refine == "quantease":
+        refinement = functools.partial(quantease.refining_gptq, g.refine_sweeps, errors)
+    quantize(cfg, merged, work, quant_config, calibration, refinement)
 
-    return {"group_size": group_size, "calibration_windows": len(windows), "layer_in_features": sorted(in_features),
-            "vllm_compatible": not problems, "vllm_problems": problems, "kernel": kernel_name(work)}
+    result = {"group_size": group_size, "act_group_aware": quant_config.act_group_aware,
+              "calibration_windows": len(windows), "layer_in_features": sorted(in_features),
+              "vllm_compatible": not problems, "vllm_problems": problems, "kernel": kernel_name(work)}
+    if errors:
+        (work / "quantease_errors.json").write_text(json.dumps(errors, indent=1))
+        before, after = (sum(e[i] for e in errors.values()) / len(errors) for i in (0, 1))
+        log.info("gptq: QuantEase lowered the mean layer error of %d layers from %.5f to %.5f (%.1f%% less)",
+                 len(errors), before, after, 100 * (1 - after / before))
+        result["quantease"] = {"sweeps": g.refine_sweeps, "layers": len(errors), "layer_error_before": before,
+                               "layer_error_after": after}
+    return result
