@@ -62,10 +62,10 @@ def refine(weight: torch.Tensor, quantized: torch.Tensor, hessian: torch.Tensor,
     coupling.fill_diagonal_(0)
     coupling_t = coupling.T.contiguous()
     q, scale, zero = quantized.float().T.contiguous(), scale.float().T.contiguous(), zero.float().T.contiguous()
-    cols = q.shape[0]
+    cols, h_diag, energy = q.shape[0], hessian.diagonal().unsqueeze(1), ((weight @ hessian) * weight).sum()
+    pull = coupling_t @ q  # kept current by every update below
     for sweep in range(sweeps):
         rounded = rounded_sweep(sweep, sweeps)
-        pull = coupling_t @ q
         for i1 in range(0, cols, BLOCK):
             i2 = min(i1 + BLOCK, cols)
             old = q[i1:i2].clone()
@@ -73,11 +73,12 @@ def refine(weight: torch.Tensor, quantized: torch.Tensor, hessian: torch.Tensor,
             change = q[i1:i2] - old  # the block's columns pull on the others: one matrix product per block
             pull[:i1] += coupling_t[:i1, i1:i2] @ change
             pull[i2:] += coupling_t[i2:, i1:i2] @ change
-        if rounded:
-            error = layer_error(weight, q.T, hessian)
+            pull[i1:i2] += coupling_t[i1:i2, i1:i2].triu(1) @ change  # in the block, later columns on earlier
+        if rounded:  # ((W - Q) H)_j = (target_j - pull_j - q_j) H_jj: the error without another product
+            error = (((target - pull - q) * h_diag) * (weight.T - q)).sum().item() / energy.item()
             if error < best_error:
                 best, best_error = q.T.clone(), error
-    return best.to(quantized.dtype), before, best_error
+    return best.to(quantized.dtype), before, layer_error(weight, best, hessian)
 
 
 @contextlib.contextmanager
