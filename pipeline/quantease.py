@@ -46,23 +46,28 @@ def sweep_block(q: torch.Tensor, pull: torch.Tensor, target: torch.Tensor, coupl
 
 
 def refine(weight: torch.Tensor, quantized: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor,
-           zero: torch.Tensor, maxq: int, sweeps: int) -> tuple[torch.Tensor, float, float]:
+           zero: torch.Tensor, maxq: int, sweeps: int, damp: float = 0.0) -> tuple[torch.Tensor, float, float]:
     """QuantEase sweeps from `quantized` (on the grid given per column by `scale` and `zero`, all rows x cols).
-    Returns the best rounded solution and the layer error before and after."""
+    Returns the best rounded solution and the layer error before and after.
+
+    `damp` adds damp * mean(diag H) to H's diagonal, as GPTQ does before it solves: the sweeps then also pay for
+    moving Q away from W, which keeps them from fitting a small calibration set too closely. The errors returned
+    are on the undamped H, the layer's own error on the calibration data."""
     weight, hessian = weight.float().clone(), hessian.float().clone()
     dead = hessian.diagonal() == 0  # inputs that were always zero: any value is as good; GPTQ zeroes them
     hessian[dead, dead] = 1
     weight[:, dead] = 0
     before = layer_error(weight, quantized.float(), hessian)
-    best, best_error = quantized.float().clone(), before
+    objective = hessian + damp * hessian.diagonal().mean() * torch.eye(len(hessian), device=hessian.device)
+    best, best_error = quantized.float().clone(), layer_error(weight, quantized.float(), objective)
 
     # Column j's best value given the others: target_j - pull_j, pull_j = sum_{k != j} q_k H_kj / H_jj.
-    coupling = hessian / hessian.diagonal()  # column j divided by H_jj
+    coupling = objective / objective.diagonal()  # column j divided by H_jj
     target = (weight @ coupling).T.contiguous()
     coupling.fill_diagonal_(0)
     coupling_t = coupling.T.contiguous()
     q, scale, zero = quantized.float().T.contiguous(), scale.float().T.contiguous(), zero.float().T.contiguous()
-    cols, h_diag, energy = q.shape[0], hessian.diagonal().unsqueeze(1), ((weight @ hessian) * weight).sum()
+    cols, h_diag, energy = q.shape[0], objective.diagonal().unsqueeze(1), ((weight @ objective) * weight).sum()
     pull = coupling_t @ q  # kept current by every update below
     for sweep in range(sweeps):
         rounded = rounded_sweep(sweep, sweeps)
@@ -82,7 +87,7 @@ def refine(weight: torch.Tensor, quantized: torch.Tensor, hessian: torch.Tensor,
 
 
 @contextlib.contextmanager
-def refining_gptq(sweeps: int, errors: dict[str, tuple[float, float]]):
+def refining_gptq(sweeps: int, damp: float, errors: dict[str, tuple[float, float]]):
     """While active, every module GPTQModel's GPTQ quantizes is refined by QuantEase before it is packed; its
     layer error before and after goes to `errors[module name]`.
 
@@ -105,7 +110,7 @@ def refining_gptq(sweeps: int, errors: dict[str, tuple[float, float]]):
         g = g_idx.long().to(hessian.device)
         refined, before, after = refine(weight, rows_by_cols.reshape(weight.shape), hessian,
                                         scale.to(hessian.device)[:, g], zero.to(hessian.device)[:, g],
-                                        int(task.quantizer.maxq), sweeps)
+                                        int(task.quantizer.maxq), sweeps, damp)
         refined = refined.to(q.device, q.dtype)
         named = task._named_module  # GPTQModel's wrapper that knows the module's dotted path in the model
         with lock:

@@ -83,6 +83,12 @@ def test_quantease_lowers_the_layer_error_on_the_same_grid(seed):
     assert errors == sorted(errors, reverse=True) and errors[-1] < errors[0]
     # Further sweeps from QuantEase's own solution find nothing better (a fixed point of the coordinate updates).
     assert quantease.refine(w, refined, hessian, scale, zero, maxq, sweeps=1)[2] == pytest.approx(after, rel=1e-5)
+    # Damped as GPTQ damps (H + 0.05 mean(diag H) I), it lowers that objective and stays nearer to W.
+    damped_h = hessian + 0.05 * hessian.diagonal().mean() * torch.eye(len(hessian))
+    damped, _, _ = quantease.refine(w, start, hessian, scale, zero, maxq, sweeps=30, damp=0.05)
+    assert quantease.layer_error(w, damped, damped_h) < quantease.layer_error(w, start, damped_h)
+    assert (damped - w).norm() < (refined - w).norm()
+    assert torch.equal(quantease.on_grid(damped, scale, zero, maxq), damped)
 
 
 def test_quantease_refined_checkpoint_keeps_the_gptq_format(finished, copy_of):

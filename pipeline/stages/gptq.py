@@ -125,7 +125,7 @@ def run(cfg: Config, work: Path, inputs: dict[str, Path]) -> dict:
     errors: dict[str, tuple[float, float]] = {}
     refinement = contextlib.nullcontext
     if g.refine == "quantease":
-        refinement = functools.partial(quantease.refining_gptq, g.refine_sweeps, errors)
+        refinement = functools.partial(quantease.refining_gptq, g.refine_sweeps, g.damp_percent, errors)
     quantize(cfg, merged, work, quant_config, calibration, refinement)
 
     result = {"group_size": group_size, "act_group_aware": quant_config.act_group_aware,
