@@ -40,7 +40,7 @@ def sweep_block(q: torch.Tensor, pull: torch.Tensor, target: torch.Tensor, coupl
     for j in range(i1, i2):
         new = target[j] - pull[j]
         if rounded:
-            new = scale[j] * (torch.clamp(torch.round(new / scale[j]) + zero[j], 0.0, maxq) - zero[j])
+            new = on_grid(new, scale[j], zero[j], maxq)
         pull[j + 1:i2].addr_(coupling[j, j + 1:i2], new - q[j])
         q[j] = new
 

@@ -7,7 +7,6 @@ the manifest's `vllm_compatible` is true.
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import logging
 import os
@@ -78,7 +77,7 @@ def offload_finds_the_head(merged: Path, trust_remote_code: bool) -> bool:
 
 
 def quantize(cfg: Config, merged: Path, out: Path, quant_config, calibration: list[dict] | None,
-             refinement=contextlib.nullcontext) -> None:
+             refinement: contextlib.AbstractContextManager = contextlib.nullcontext()) -> None:
     """Quantize the merged checkpoint with GPTQModel (GPTQ with calibration data, RTN without) into `out`.
     `quant_config` offloads to `out / "offload"` (GPTQModel's default is the system temp dir); `refinement`
     is a context active while GPTQModel quantizes."""
@@ -93,7 +92,7 @@ def quantize(cfg: Config, merged: Path, out: Path, quant_config, calibration: li
         quant_config.offload_to_disk = False
     set_seed(cfg.seed)
     model = GPTQModel.load(str(merged), quant_config, device=device(), trust_remote_code=cfg.model.trust_remote_code)
-    with contextlib.chdir(out), refinement():  # GPTQModel writes per-layer stats to ./logs: keep them with it
+    with contextlib.chdir(out), refinement:  # GPTQModel writes per-layer stats to ./logs: keep them with it
         model.quantize(calibration, batch_size=cfg.gptq.batch_size)
     model.save(str(out))
     # GPTQModel writes a generation config that turns sampling on: keep the merged model's, so that a server
@@ -123,9 +122,8 @@ def run(cfg: Config, work: Path, inputs: dict[str, Path]) -> dict:
                               gptaq={} if g.method == "gptaq" else None, foem={} if g.method == "foem" else None,
                               offload_to_disk_path=str(work.resolve() / "offload"))
     errors: dict[str, tuple[float, float]] = {}
-    refinement = contextlib.nullcontext
-    if g.refine == "quantease":
-        refinement = functools.partial(quantease.refining_gptq, g.refine_sweeps, g.damp_percent, errors)
+    refinement = (quantease.refining_gptq(g.refine_sweeps, g.damp_percent, errors) if g.refine == "quantease"
+                  else contextlib.nullcontext())
     quantize(cfg, merged, work, quant_config, calibration, refinement)
 
     result = {"group_size": group_size, "act_group_aware": quant_config.act_group_aware,
