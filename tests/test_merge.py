@@ -18,6 +18,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
+from pipeline import harness
 from pipeline.artifacts import read_manifest
 from pipeline.data import read_jsonl, token_windows
 from pipeline.models import load_artifact, load_causal_lm, load_tokenizer, nf4_layers, nf4_weight, repacked_for_cpu
@@ -94,9 +95,10 @@ def test_an_eval_forward_repacks_exactly_where_the_cpu_has_avx512_bf16(finished)
 
 
 @pytest.mark.parametrize("name", ["nf4", "qlora"])
-def test_eval_measures_nf4_artifacts_alike_on_both_cpu_paths(finished, name):
+def test_eval_measures_nf4_artifacts_alike_on_both_cpu_paths(finished, name, tmp_path):
     """The standard path (forced here even on a CPU with AVX512-BF16) reproduces what the eval stage measured on
-    this machine's own path; where the CPU has the instruction, the packed path gives the same answers too."""
+    this machine's own path, lm-eval's bits per byte included; where the CPU has the instruction, the packed path
+    gives the same answers too."""
     out, overrides, _ = finished
     cfg, exp = compose_config(*overrides), out / "default"
     inputs = {stage: exp / stage for stage in ("base", "train", "merge", "gptq")}
@@ -104,21 +106,29 @@ def test_eval_measures_nf4_artifacts_alike_on_both_cpu_paths(finished, name):
     windows = token_windows(tokenizer, ppl_texts(cfg, tokenizer, exp / "train"), cfg.eval.ppl_seq_len)
     chats = [row["messages"] for row in read_jsonl(exp / "train" / "data" / "heldout.jsonl")][:cfg.eval.task_examples]
     measured = json.loads((exp / "eval" / "eval.json").read_text())["artifacts"][name]
+    texts = [tokenizer.decode(window, skip_special_tokens=True) for window in windows[:cfg.eval.ppl_windows]]
+    harness.write_own_tasks(tmp_path, texts, [], tokenizer)  # pipeline_text, on the text eval scored
+    manager = harness.task_manager(None, tmp_path, defaults=False)
 
-    def evaluate(packed: bool) -> tuple[float, list[str]]:
+    def evaluate(packed: bool) -> tuple[float, list[str], float]:
         model = load_artifact(name, inputs, cfg).eval()
         for layer in nf4_layers(model):
             layer.support_avx512bf16_for_cpu = packed
         result = (perplexity(model, windows[:cfg.eval.ppl_windows]),
-                  generate_answers(model, tokenizer, chats, max_new_tokens=cfg.eval.max_new_tokens))
+                  generate_answers(model, tokenizer, chats, max_new_tokens=cfg.eval.max_new_tokens),
+                  harness.evaluate(model, tokenizer, ["pipeline_text"], manager,
+                                   cfg.eval.lm_eval)["pipeline_text"]["bits_per_byte"])
         assert {repacked_for_cpu(layer) for layer in nf4_layers(model)} == {packed}
         return result
 
-    ppl, answers = evaluate(packed=False)
+    ppl, answers, bits_per_byte = evaluate(packed=False)
     assert abs(ppl - measured["ppl"]) < 0.01 * measured["ppl"], (ppl, measured["ppl"])
     accuracy = sum(a == chat[-1]["content"].strip() for a, chat in zip(answers, chats)) / len(chats)
     assert accuracy == measured["task_accuracy"]
+    measured_bpb = measured["lm_eval"]["pipeline_text"]["bits_per_byte"]
+    assert abs(bits_per_byte - measured_bpb) < 0.01 * measured_bpb, (bits_per_byte, measured_bpb)
     if HAS_AVX512_BF16:
-        packed_ppl, packed_answers = evaluate(packed=True)
+        packed_ppl, packed_answers, packed_bpb = evaluate(packed=True)
         assert abs(packed_ppl - ppl) < 0.01 * ppl
         assert sum(a == b for a, b in zip(answers, packed_answers)) >= 0.75 * len(chats)
+        assert abs(packed_bpb - bits_per_byte) < 0.01 * bits_per_byte
