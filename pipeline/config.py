@@ -38,7 +38,8 @@ TRACKERS = ("tensorboard", "wandb", "mlflow")
 
 @dataclass
 class DataSource:
-    # "builtin" (generated date-formatting task), a local .jsonl/.json/.parquet/.csv file, or an HF dataset id.
+    # "builtin" (a generated task: six-digit numbers in words), a local .jsonl/.json/.parquet/.csv file or an HF
+    # dataset id.
     path: str = "builtin"
     weight: float = 1.0  # share of the training mix (weights are normalized over data.sources)
     split: str = "train"  # split of an HF dataset
@@ -101,7 +102,7 @@ class BaseConfig:
 @dataclass
 class TrainConfig:
     max_steps: int = 30
-    lr: float = 5e-4
+    lr: float = 1e-3
     batch_size: int = 8
     grad_accum: int = 1
     warmup_steps: int = 5
@@ -178,7 +179,7 @@ class EvalConfig:
     ppl_source: str = "pydoc"
     ppl_windows: int = 8
     ppl_seq_len: int = 256
-    task_examples: int = 48  # held-out rows scored by exact match with greedy decoding
+    task_examples: int = 96  # held-out rows scored by exact match with greedy decoding
     max_new_tokens: int = 16
     batch_size: int = 16
     histogram_layer: str = "model.layers.0.mlp.down_proj"

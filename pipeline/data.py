@@ -2,7 +2,6 @@
 chat formatting and loss masks, calibration and held-out text."""
 from __future__ import annotations
 
-import calendar
 import json
 import logging
 import os
@@ -16,23 +15,36 @@ log = logging.getLogger(__name__)
 
 BUILTIN = "builtin"
 TEMPLATES = (
-    "Write the date {iso} in long form.",
-    "Convert {iso} to a long-form date.",
-    "Rewrite the ISO date {iso} the long way.",
+    "Write the number {n} in words.",
+    "Spell out {n} in English words.",
+    "How is {n} written in words?",
 )
+ONES = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
+        "seventeen eighteen nineteen").split()
+TENS = "- - twenty thirty forty fifty sixty seventy eighty ninety".split()
+
+
+def number_words(n: int) -> str:
+    """American English words for 0 <= n < 10**6: 'four hundred three thousand twenty-one'."""
+    if n < 20:
+        return ONES[n]
+    if n < 100:
+        return TENS[n // 10] + (f"-{ONES[n % 10]}" if n % 10 else "")
+    if n < 1000:
+        return f"{ONES[n // 100]} hundred" + (f" {number_words(n % 100)}" if n % 100 else "")
+    return f"{number_words(n // 1000)} thousand" + (f" {number_words(n % 1000)}" if n % 1000 else "")
 
 
 def builtin_task(n: int, seed: int) -> list[dict]:
-    """ISO dates to 'Month D, YYYY': exact answers a small model gets wrong until fine-tuned."""
-    import datetime
-
+    """Six-digit numbers in words. The base model never answers in exactly this form, and 30 LoRA steps teach
+    most but not all of it (place value is the hard part), so the exact-match score has room to show what
+    quantization loses, and the character similarity grades the near misses."""
     rng = random.Random(seed)
     rows = []
     for _ in range(n):
-        day = datetime.date(1900, 1, 1) + datetime.timedelta(days=rng.randrange(200 * 365))
-        answer = f"{calendar.month_name[day.month]} {day.day}, {day.year}"
-        rows.append({"instruction": rng.choice(TEMPLATES).format(iso=day.isoformat()), "input": "",
-                     "output": answer})
+        number = rng.randrange(100_000, 1_000_000)
+        rows.append({"instruction": rng.choice(TEMPLATES).format(n=f"{number:,}"), "input": "",
+                     "output": number_words(number)})
     return rows
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -12,14 +13,15 @@ import pytest
 
 from pipeline.artifacts import read_manifest
 from pipeline.config import ConfigError
-from pipeline.data import builtin_task, load_sources, mix, pydoc_texts, tokenize_chat, tokenize_text
+from pipeline.data import (TEMPLATES, builtin_task, load_sources, mix, number_words, pydoc_texts, tokenize_chat,
+                           tokenize_text)
 from pipeline.models import load_tokenizer
 from pipeline.runner import run
 
 from .conftest import TINY, compose_config
 
 TASK = builtin_task(60, seed=5)
-SYSTEM = "You rewrite dates."
+SYSTEM = "You write numbers in words."
 CHAT = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": TASK[0]["instruction"]},
         {"role": "assistant", "content": TASK[0]["output"]}, {"role": "user", "content": TASK[1]["instruction"]},
         {"role": "assistant", "content": TASK[1]["output"]}]
@@ -47,6 +49,23 @@ def write(path: Path, rows: list[dict]) -> str:
     else:
         pd.DataFrame(rows).to_csv(path, index=False)
     return str(path)
+
+
+@pytest.mark.parametrize("number, words", [
+    (0, "zero"), (15, "fifteen"), (40, "forty"), (99, "ninety-nine"), (100, "one hundred"), (305, "three hundred five"),
+    (1000, "one thousand"), (100_010, "one hundred thousand ten"), (403_021, "four hundred three thousand twenty-one"),
+    (999_999, "nine hundred ninety-nine thousand nine hundred ninety-nine")])
+def test_number_words(number, words):
+    assert number_words(number) == words
+
+
+def test_builtin_task_asks_for_six_digit_numbers_in_words():
+    rows = builtin_task(200, seed=3)
+    assert rows == builtin_task(200, seed=3) and rows != builtin_task(200, seed=4)
+    for row in rows:
+        number = int(re.search(r"[\d,]{7}", row["instruction"]).group().replace(",", ""))
+        assert 100_000 <= number < 1_000_000 and row["output"] == number_words(number)
+    assert {re.sub(r"[\d,]{7}", "{n}", row["instruction"]) for row in rows} == set(TEMPLATES)
 
 
 ALPACA_FIRST = [{"role": "user", "content": TASK[0]["instruction"]},
