@@ -22,7 +22,8 @@ def _cell(value, reference, fmt: str, ratio: bool = True) -> str:
         return "-"
     text = format(value, fmt)
     if ratio and reference and reference != value:
-        text += f" ({value / reference:.2f}x)"
+        times = value / reference
+        text += f" ({times:.2f}x)" if times < 100 else f" ({times:.3g}x)"  # a base model's answer perplexity: 4e+06x
     return text
 
 

@@ -59,7 +59,8 @@ def test_lm_eval_bits_per_byte_match_a_direct_computation(finished):
             nll += torch.nn.functional.cross_entropy(logits[:len(target)], target, reduction="sum").item()
         size += len(doc.encode())
     measured = json.loads((exp / "eval" / "eval.json").read_text())["artifacts"]["merged"]["lm_eval"]
-    assert math.isclose(nll / size / math.log(2), measured["pipeline_text"]["bits_per_byte"], rel_tol=0.01)
+    # Tight: lm-eval must sum log-probabilities in float32 (in bf16 a window's sum is off by up to a few nats).
+    assert math.isclose(nll / size / math.log(2), measured["pipeline_text"]["bits_per_byte"], rel_tol=1e-4)
 
 
 MY_TASK = """\
