@@ -143,7 +143,7 @@ class GPTQConfig:
     method: str = "gptq"
     # Static act-order inside groups (keeps the vLLM format). null: on with method=gptq; GPTAQ and FOEM ignore it.
     act_group_aware: Optional[bool] = None
-    mse: float = 2.4  # > 0: search each group's range, minimizing sum |w - q|^mse (GPTQ paper: 2.4); 0: min/max
+    mse: float = 0.0  # > 0: search each group's range, minimizing sum |w - q|^mse (GPTQ paper: 2.4); 0: min/max
     damp_percent: float = 0.05
     refine: str = "none"  # none | quantease: coordinate descent on the layer error from the GPTQ solution
     refine_sweeps: int = 30

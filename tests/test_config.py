@@ -57,7 +57,7 @@ def test_bad_gptq_levers_are_refused(overrides, message):
     assert message in str(error.value)
 
 
-@pytest.mark.parametrize("variant", ["minmax", "natural_order", "gptaq", "foem", "more_calibration", "quantease"])
+@pytest.mark.parametrize("variant", ["mse", "natural_order", "gptaq", "foem", "more_calibration", "quantease"])
 def test_gptq_variants_compose_valid_configs(variant):
     cfg = compose_config(f"gptq={variant}", "gptq.bits=3")
     validate(cfg)
