@@ -11,8 +11,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-
 from .artifacts import content_hashes
 from .config import ConfigError, LmEvalConfig
 from .data import chat_prompt
@@ -79,7 +77,7 @@ def evaluate(model, tokenizer, tasks: list[str], manager, lm_eval: LmEvalConfig)
 
     # log-softmax in float32: in bf16 lm-eval sums a window's log-probabilities in bf16 too, whose step near a
     # 256-token window's total (~800 nats) is 4 nats, enough to give two different models the same bits per byte.
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=lm_eval.batch_size, softmax_dtype=torch.float32)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=lm_eval.batch_size, softmax_dtype="float32")
     out = harness.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=lm_eval.limit,
                                   num_fewshot=lm_eval.num_fewshot, bootstrap_iters=0, log_samples=False)
     return {task: {key.split(",")[0]: value for key, value in metrics.items()
