@@ -4,6 +4,8 @@ the pipeline's), offline. Two tasks of the pipeline's own, written at eval time 
   byte perplexity, bits per byte);
 - pipeline_heldout: log-likelihood of each held-out answer after its chat prompt: `acc` (the answer is the
   model's greedy continuation) and `perplexity` of the answer.
+They go to lm-eval as inline task configs (no YAML): their data files are named by absolute path, which holds only
+while the stage runs (the eval artifact keeps the data).
 Any other task is lm-eval's own (hellaswag, arc_easy, mmlu: these read the hub) or one of the user's YAML files
 in eval.lm_eval.include_path."""
 from __future__ import annotations
@@ -21,12 +23,11 @@ OWN_TASKS = {"pipeline_text": ("", "{{text}}", "loglikelihood_rolling",
              "pipeline_heldout": ("{{prompt}}", "{{answer}}", "loglikelihood", ("acc", "perplexity"))}
 
 
-def task_manager(include_path: str | None, own: Path | None = None, defaults: bool = True):
+def task_manager(include_path: str | None, defaults: bool = True):
     """lm-eval's task index; `defaults` adds lm-eval's own thousands of tasks (indexing them takes seconds)."""
     from lm_eval.tasks import TaskManager
 
-    paths = [str(p) for p in (own, include_path) if p]
-    return TaskManager(include_path=paths or None, include_defaults=defaults)
+    return TaskManager(include_path=include_path, include_defaults=defaults)
 
 
 def include_identity(include_path: str | None) -> dict[str, str]:
@@ -48,30 +49,29 @@ def check_tasks(lm_eval: LmEvalConfig) -> None:
                           f"tasks, {', '.join(OWN_TASKS)}, or YAML in eval.lm_eval.include_path)")
 
 
-def write_own_tasks(folder: Path, texts: list[str], chats: list[list[dict]], tokenizer) -> list[str]:
-    """The pipeline's tasks as lm-eval task YAML with their data in `folder`; returns those that have data."""
+def own_tasks(folder: Path, texts: list[str], chats: list[list[dict]], tokenizer) -> dict[str, dict]:
+    """The pipeline's tasks that have data, as lm-eval task configs by name; their data is written to `folder`."""
     rows = {"pipeline_text": [{"text": text} for text in texts],
             "pipeline_heldout": [{"prompt": chat_prompt(tokenizer, chat), "answer": chat[-1]["content"].strip()}
                                  for chat in chats]}
     folder.mkdir(parents=True, exist_ok=True)
-    written = []
+    configs = {}
     for task, task_rows in rows.items():
         if not task_rows:
             continue
         data = folder / f"{task}.jsonl"
         data.write_text("".join(json.dumps(row) + "\n" for row in task_rows))
         text, target, output_type, metrics = OWN_TASKS[task]
-        spec = {"task": task, "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(data.resolve())}},
-                "test_split": "test", "output_type": output_type, "doc_to_text": text, "doc_to_target": target,
-                "target_delimiter": "",  # the prompt ends where the answer starts: no space between them
-                "metric_list": [{"metric": metric} for metric in metrics]}
-        (folder / f"{task}.yaml").write_text(json.dumps(spec, indent=1))  # JSON is YAML
-        written.append(task)
-    return written
+        configs[task] = {"task": task, "dataset_path": "json",
+                         "dataset_kwargs": {"data_files": {"test": str(data.resolve())}}, "test_split": "test",
+                         "output_type": output_type, "doc_to_text": text, "doc_to_target": target,
+                         "target_delimiter": "",  # the prompt ends where the answer starts: no space between them
+                         "metric_list": [{"metric": metric} for metric in metrics]}
+    return configs
 
 
-def evaluate(model, tokenizer, tasks: list[str], manager, lm_eval: LmEvalConfig) -> dict[str, dict[str, float]]:
-    """{task: {metric: value}} for the model as loaded."""
+def evaluate(model, tokenizer, tasks: list[str | dict], manager, lm_eval: LmEvalConfig) -> dict[str, dict[str, float]]:
+    """{task: {metric: value}} for the model as loaded; `tasks` are names or inline task configs."""
     import lm_eval as harness
     from lm_eval.models.huggingface import HFLM
 

@@ -20,6 +20,8 @@ def test_gptq_checkpoint_loads_with_plain_transformers(finished):
     exp = out / "default"
     files = {p.name for p in (exp / "gptq").iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json", "quantize_config.json"} <= files
+    for name in ("config.json", "quantize_config.json"):  # a shipped checkpoint names no folder of its build
+        assert str(out) not in (exp / "gptq" / name).read_text(), name
 
     gptq = AutoModelForCausalLM.from_pretrained(exp / "gptq", device_map="cpu")
     assert any(hasattr(m, "qweight") for m in gptq.modules()), "loaded as a quantized model"

@@ -32,6 +32,10 @@ def test_every_artifact_has_lm_eval_scores_in_eval_json_and_the_report(finished)
                    "pipeline_heldout perplexity"):
         assert f" {column} |" in header, column
     assert all(f"| {name} | " in table for name in evaluation["artifacts"])
+    # The pipeline's tasks read their data where the stage wrote it: no file kept names that temporary place.
+    kept = [p for p in (exp / "eval").resolve().rglob("*") if p.suffix in (".json", ".jsonl", ".yaml")]
+    assert {p.name for p in kept} >= {"eval.json", "pipeline_text.jsonl", "pipeline_heldout.jsonl"}
+    assert not [p.name for p in kept if ".partial" in p.read_text()]
 
 
 def test_lm_eval_bits_per_byte_match_a_direct_computation(finished):
@@ -45,7 +49,7 @@ def test_lm_eval_bits_per_byte_match_a_direct_computation(finished):
     inputs = {stage: exp / stage for stage in ("base", "train", "merge", "gptq")}
     model, tokenizer = load_artifact("merged", inputs, cfg).eval(), load_tokenizer(exp / "base" / "nf4")
     harness = HFLM(pretrained=model, tokenizer=tokenizer)
-    docs = [row["text"] for row in read_jsonl(exp / "eval" / "lm_eval_tasks" / "pipeline_text.jsonl")]
+    docs = [row["text"] for row in read_jsonl(exp / "eval" / "lm_eval_data" / "pipeline_text.jsonl")]
     assert len(docs) == cfg.eval.ppl_windows
 
     nll, size = 0.0, 0

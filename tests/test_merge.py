@@ -107,8 +107,8 @@ def test_eval_measures_nf4_artifacts_alike_on_both_cpu_paths(finished, name, tmp
     chats = [row["messages"] for row in read_jsonl(exp / "train" / "data" / "heldout.jsonl")][:cfg.eval.task_examples]
     measured = json.loads((exp / "eval" / "eval.json").read_text())["artifacts"][name]
     texts = [tokenizer.decode(window, skip_special_tokens=True) for window in windows[:cfg.eval.ppl_windows]]
-    harness.write_own_tasks(tmp_path, texts, [], tokenizer)  # pipeline_text, on the text eval scored
-    manager = harness.task_manager(None, tmp_path, defaults=False)
+    task = harness.own_tasks(tmp_path, texts, [], tokenizer)["pipeline_text"]  # on the text eval scored
+    manager = harness.task_manager(None, defaults=False)
 
     def evaluate(packed: bool) -> tuple[float, list[str], float]:
         model = load_artifact(name, inputs, cfg).eval()
@@ -116,7 +116,7 @@ def test_eval_measures_nf4_artifacts_alike_on_both_cpu_paths(finished, name, tmp
             layer.support_avx512bf16_for_cpu = packed
         result = (perplexity(model, windows[:cfg.eval.ppl_windows]),
                   generate_answers(model, tokenizer, chats, max_new_tokens=cfg.eval.max_new_tokens),
-                  harness.evaluate(model, tokenizer, ["pipeline_text"], manager,
+                  harness.evaluate(model, tokenizer, [task], manager,
                                    cfg.eval.lm_eval)["pipeline_text"]["bits_per_byte"])
         assert {repacked_for_cpu(layer) for layer in nf4_layers(model)} == {packed}
         return result

@@ -84,13 +84,13 @@ def run(cfg: Config, work: Path, inputs: dict[str, Path]) -> dict:
                     "accuracy is not measured")
     # lm-eval: the pipeline's own tasks score the same text as perplexity (its windows) and the same chats.
     window_texts = [tokenizer.decode(window, skip_special_tokens=True) for window in windows]
-    own = harness.write_own_tasks(work / "lm_eval_tasks", window_texts, chats, tokenizer)
+    own = harness.own_tasks(work / "lm_eval_data", window_texts, chats, tokenizer)
     lm_tasks = [task for task in e.lm_eval.tasks if task in own or task not in harness.OWN_TASKS]
     for task in set(e.lm_eval.tasks) - set(lm_tasks):
         log.warning("eval: lm-eval task %s has no data here (no held-out chats ending with an answer): skipped", task)
     manager = None
     if lm_tasks:  # lm-eval's own thousands of tasks are indexed only when a task needs them
-        manager = harness.task_manager(e.lm_eval.include_path, work / "lm_eval_tasks",
+        manager = harness.task_manager(e.lm_eval.include_path,
                                        defaults=any(task not in harness.OWN_TASKS for task in lm_tasks))
     if "rtn" in e.artifacts:
         quantize_rtn(cfg, inputs["merge"], work / "rtn")
@@ -120,7 +120,8 @@ def run(cfg: Config, work: Path, inputs: dict[str, Path]) -> dict:
         log.info("eval: %s ppl %.2f, task accuracy %s, similarity %s", name, results[name]["ppl"],
                  scores["accuracy"], scores["similarity"])
         if lm_tasks:
-            results[name]["lm_eval"] = harness.evaluate(model, tokenizer, lm_tasks, manager, e.lm_eval)
+            results[name]["lm_eval"] = harness.evaluate(model, tokenizer, [own.get(t, t) for t in lm_tasks],
+                                                          manager, e.lm_eval)
             log.info("eval: %s lm-eval %s", name, results[name]["lm_eval"])
         del model
 

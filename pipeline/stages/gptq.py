@@ -76,6 +76,16 @@ def offload_finds_the_head(merged: Path, trust_remote_code: bool) -> bool:
     return check_and_get_model_definition(str(merged), trust_remote_code=trust_remote_code).lm_head in names
 
 
+def forget_offload_path(checkpoint: Path) -> None:
+    """GPTQModel records in the checkpoint's metadata where it offloaded layers while quantizing: a folder of this
+    build, gone once it is done. Drop it, so that a checkpoint names no path of the machine that made it."""
+    for name, section in (("config.json", "quantization_config"), ("quantize_config.json", None)):
+        path = checkpoint / name
+        config = json.loads(path.read_text())
+        (config[section] if section else config).get("meta", {}).pop("offload_to_disk_path", None)
+        path.write_text(json.dumps(config, indent=2) + "\n")
+
+
 def quantize(cfg: Config, merged: Path, out: Path, quant_config, calibration: list[dict] | None,
              refinement: contextlib.AbstractContextManager = contextlib.nullcontext()) -> None:
     """Quantize the merged checkpoint with GPTQModel (GPTQ with calibration data, RTN without) into `out`.
@@ -95,6 +105,7 @@ def quantize(cfg: Config, merged: Path, out: Path, quant_config, calibration: li
     with contextlib.chdir(out), refinement:  # GPTQModel writes per-layer stats to ./logs: keep them with it
         model.quantize(calibration, batch_size=cfg.gptq.batch_size)
     model.save(str(out))
+    forget_offload_path(out)
     # GPTQModel writes a generation config that turns sampling on: keep the merged model's, so that a server
     # decodes and stops as the fine-tuned model does.
     GenerationConfig.from_pretrained(str(merged)).save_pretrained(out)
