@@ -14,6 +14,8 @@ from pipeline.quality import generate_answers
 from pipeline.stages.gptq import choose_group_size, vllm_problems
 from pipeline.stages.merge import compare, probe_batch, probe_logits
 
+from .conftest import compose_config
+
 
 def test_gptq_checkpoint_loads_with_plain_transformers(finished):
     out, _, _ = finished
@@ -41,9 +43,11 @@ def test_group_size_choice_and_vllm_checks():
     assert choose_group_size(None, smollm2) == 64  # 128 does not divide 576
     assert choose_group_size(None, {128, 256}) == 128
     assert choose_group_size(32, smollm2) == 32
-    assert vllm_problems(False, 64, smollm2) == []
-    problems = vllm_problems(True, 128, smollm2)
-    assert len(problems) == 2 and "desc_act" in problems[0] and "576" in problems[1]
+    assert vllm_problems(compose_config().gptq, 64, smollm2) == []
+    assert vllm_problems(compose_config("gptq.bits=8").gptq, 64, smollm2) == []
+    problems = vllm_problems(compose_config("gptq.desc_act=true", "gptq.bits=3", "gptq.sym=false").gptq, 128, smollm2)
+    assert len(problems) == 4, problems
+    assert [word in problem for word, problem in zip(("desc_act", "bits=3", "sym", "576"), problems)] == [True] * 4
 
 
 def test_non_default_settings_are_recorded(finished):

@@ -87,6 +87,12 @@ def test_killed_pipeline_takes_the_server_down(vllm_here, finished, tmp_path):
     assert read_manifest(mine / "default" / "serve") is None
 
 
+def test_a_checkpoint_vllm_refuses_is_not_served_and_says_why():
+    why = missing(compose_config("serve.enabled=true", "gptq.bits=3"))
+    assert why and "bits=3" in why, why
+    assert "sym=false" in missing(compose_config("serve.enabled=true", "gptq.sym=false"))
+
+
 def test_without_vllm_the_run_completes_and_says_not_served(copy_of):
     exp, rerun = copy_of
     results = rerun("stage=serve", "serve.enabled=true", "serve.python=/no/such/python")

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from .. import quantease
-from ..config import Config
+from ..config import Config, GPTQConfig
 from ..data import calibration_windows, read_jsonl
 from ..models import device, load_gptq, load_tokenizer, meta_model, quantized_kernels
 
@@ -44,10 +44,21 @@ def choose_group_size(requested: int | None, in_features: set[int]) -> int:
     return -1
 
 
-def vllm_problems(desc_act: bool, group_size: int, in_features: set[int]) -> list[str]:
+def settings_problems(g: GPTQConfig) -> list[str]:
+    """What in the GPTQ settings alone makes a checkpoint vLLM refuses. Its GPTQ layers run on Marlin kernels,
+    which take 4- and 8-bit symmetric grids in static order only."""
     problems = []
-    if desc_act:
+    if g.desc_act:
         problems.append("desc_act=true (dynamic act-order): vLLM refuses such checkpoints")
+    if g.bits not in (4, 8):
+        problems.append(f"bits={g.bits}: vLLM's GPTQ kernels take 4 or 8 bits")
+    if not g.sym:
+        problems.append("sym=false: vLLM's GPTQ kernels take symmetric grids only")
+    return problems
+
+
+def vllm_problems(g: GPTQConfig, group_size: int, in_features: set[int]) -> list[str]:
+    problems = settings_problems(g)
     if group_size > 0 and any(f % group_size for f in in_features):
         problems.append(f"group_size={group_size} does not divide every layer input size {sorted(in_features)}: "
                         "vLLM's loader fails on it")
@@ -114,11 +125,11 @@ def quantize(cfg: Config, merged: Path, out: Path, quant_config, calibration: li
 
 
 def run(cfg: Config, work: Path, inputs: dict[str, Path]) -> dict:
-    from gptqmodel.quantization.config import GPTQConfig
+    from gptqmodel.quantization.config import GPTQConfig as QuantizeConfig  # GPTQModel's; ours is GPTQConfig
 
     g, merged = cfg.gptq, inputs["merge"]
     group_size, in_features = group_size_for(cfg, merged)
-    problems = vllm_problems(g.desc_act, group_size, in_features)
+    problems = vllm_problems(g, group_size, in_features)
     for problem in problems:
         log.warning("gptq: the checkpoint will not serve in vLLM: %s", problem)
 
@@ -128,7 +139,7 @@ def run(cfg: Config, work: Path, inputs: dict[str, Path]) -> dict:
     calibration = [{"input_ids": w, "attention_mask": [1] * len(w)} for w in windows]
     # GPTQModel turns act_group_aware on by default, but its GPTAQ and FOEM solvers never read it: say so.
     act_group_aware = g.act_group_aware if g.method == "gptq" else False
-    quant_config = GPTQConfig(bits=g.bits, group_size=group_size, desc_act=g.desc_act, sym=g.sym,
+    quant_config = QuantizeConfig(bits=g.bits, group_size=group_size, desc_act=g.desc_act, sym=g.sym,
                               act_group_aware=act_group_aware, mse=g.mse, damp_percent=g.damp_percent,
                               gptaq={} if g.method == "gptaq" else None, foem={} if g.method == "foem" else None,
                               offload_to_disk_path=str(work.resolve() / "offload"))

@@ -34,6 +34,7 @@ from ..data import read_jsonl, task_chats
 from ..models import load_gptq, load_tokenizer
 from ..quality import answer_scores, generate_answers
 from . import StageUnavailable
+from .gptq import settings_problems
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,9 @@ def missing(cfg: Config) -> str | None:
     """Why this run does not serve (turned off, no vLLM, or a vLLM build this CPU cannot run), or None."""
     if not cfg.serve.enabled:
         return "serve.enabled=false"
+    refused = settings_problems(cfg.gptq)
+    if refused:
+        return f"vLLM cannot serve this GPTQ checkpoint: {'; '.join(refused)}"
     python = vllm_python(cfg)
     if python is None:
         return f"vLLM is not installed; install it with `{INSTALL_HINT}` or set serve.python"
