@@ -86,6 +86,7 @@ def run(cfg: Config, work: Path, inputs: dict[str, Path]) -> dict:
     window_texts = [tokenizer.decode(window, skip_special_tokens=True) for window in windows]
     own = harness.own_tasks(work / "lm_eval_data", window_texts, chats, tokenizer)
     lm_tasks = [task for task in e.lm_eval.tasks if task in own or task not in harness.OWN_TASKS]
+    lm_specs = [own.get(task, task) for task in lm_tasks]  # the pipeline's tasks as their configs, others by name
     for task in set(e.lm_eval.tasks) - set(lm_tasks):
         log.warning("eval: lm-eval task %s has no data here (no held-out chats ending with an answer): skipped", task)
     manager = None
@@ -120,8 +121,7 @@ def run(cfg: Config, work: Path, inputs: dict[str, Path]) -> dict:
         log.info("eval: %s ppl %.2f, task accuracy %s, similarity %s", name, results[name]["ppl"],
                  scores["accuracy"], scores["similarity"])
         if lm_tasks:
-            results[name]["lm_eval"] = harness.evaluate(model, tokenizer, [own.get(t, t) for t in lm_tasks],
-                                                          manager, e.lm_eval)
+            results[name]["lm_eval"] = harness.evaluate(model, tokenizer, lm_specs, manager, e.lm_eval)
             log.info("eval: %s lm-eval %s", name, results[name]["lm_eval"])
         del model
 

@@ -140,9 +140,9 @@ def run(cfg: Config, work: Path, inputs: dict[str, Path]) -> dict:
     # GPTQModel turns act_group_aware on by default, but its GPTAQ and FOEM solvers never read it: say so.
     act_group_aware = g.act_group_aware if g.method == "gptq" else False
     quant_config = QuantizeConfig(bits=g.bits, group_size=group_size, desc_act=g.desc_act, sym=g.sym,
-                              act_group_aware=act_group_aware, mse=g.mse, damp_percent=g.damp_percent,
-                              gptaq={} if g.method == "gptaq" else None, foem={} if g.method == "foem" else None,
-                              offload_to_disk_path=str(work.resolve() / "offload"))
+                                  act_group_aware=act_group_aware, mse=g.mse, damp_percent=g.damp_percent,
+                                  gptaq={} if g.method == "gptaq" else None, foem={} if g.method == "foem" else None,
+                                  offload_to_disk_path=str(work.resolve() / "offload"))
     errors: dict[str, tuple[float, float]] = {}
     refinement = (quantease.refining_gptq(g.refine_sweeps, g.damp_percent, errors) if g.refine == "quantease"
                   else contextlib.nullcontext())
