@@ -33,6 +33,8 @@ def render(cfg: Config, exp: Path) -> str:
     evaluation, bench, served = report.results(exp)
     table = report.markdown(report.rows(evaluation, bench, served)) if evaluation or bench or served else "-"
     check = merge.get("metrics", {}).get("check", {})
+    mse = gptq["metrics"].get("mse", g["mse"])
+    ranges = f"MSE search (exponent {mse:g})" if mse else "min/max"
     steps = train.get("metrics", {})
     sources = steps.get("sources", [])
     data = " + ".join(f"`{c['source']}`" + (f" (weight {c['weight']:g})" if len(sources) > 1 else "") for c in sources)
@@ -52,9 +54,10 @@ def render(cfg: Config, exp: Path) -> str:
         "vllm serve <this folder or repo>   # OpenAI-compatible server; the chat template ships with the checkpoint",
         "```", "",
         "## Quantization", "",
-        "| bits | group size | desc_act | sym | damp | calibration | vLLM-compatible |",
-        "|---|---|---|---|---|---|---|",
-        f"| {g['bits']} | {gptq['metrics']['group_size']} | {g['desc_act']} | {g['sym']} | {g['damp_percent']} | "
+        "| bits | group size | method | group ranges | desc_act | sym | damp | calibration | vLLM-compatible |",
+        "|---|---|---|---|---|---|---|---|---|",
+        f"| {g['bits']} | {gptq['metrics']['group_size']} | {g['method']} | {ranges} | {g['desc_act']} | {g['sym']} | "
+        f"{g['damp_percent']} | "
         f"{gptq['metrics']['calibration_windows']} x {g['calib_seq_len']} tokens ({g['calib_source']}) | "
         f"{gptq['metrics']['vllm_compatible']} |", "",
         "## Training", "",

@@ -44,12 +44,13 @@ def test_bad_values_are_refused_with_the_key(override, key):
      "gptq.act_group_aware=True is not allowed: null or false with gptq.method=gptaq (GPTQModel's GPTAQ and FOEM"),
     (["gptq.desc_act=true", "gptq.act_group_aware=true"],
      "gptq.act_group_aware=True is not allowed: null or false with gptq.desc_act=true"),
-    (["gptq.mse=0.5"], "gptq.mse=0.5 is not allowed: 0 (min/max range) or an exponent in [1, 8]"),
+    (["gptq.mse=0.5"], "gptq.mse=0.5 is not allowed: null (auto), 0 (min/max range) or an exponent in [1, 8]"),
     (["gptq.mse=-1"], "gptq.mse=-1.0 is not allowed"),
     (["gptq.refine=awq"], "gptq.refine='awq' is not allowed: none or quantease"),
     (["gptq.refine=quantease", "gptq.method=foem"],
      "gptq.refine='quantease' is not allowed: none with gptq.method=foem (QuantEase refines the plain GPTQ"),
     (["gptq.refine_sweeps=0"], "gptq.refine_sweeps=0 is not allowed: a positive integer"),
+    (["gptq.batch_size=0"], "gptq.batch_size=0 is not allowed: a positive integer"),
 ])
 def test_bad_gptq_levers_are_refused(overrides, message):
     with pytest.raises(ConfigError) as error:
@@ -57,11 +58,13 @@ def test_bad_gptq_levers_are_refused(overrides, message):
     assert message in str(error.value)
 
 
-@pytest.mark.parametrize("variant", ["mse", "natural_order", "gptaq", "foem", "more_calibration", "quantease"])
+@pytest.mark.parametrize("variant", ["minmax", "mse", "natural_order", "gptaq", "foem", "more_calibration",
+                                     "quantease"])
 def test_gptq_variants_compose_valid_configs(variant):
     cfg = compose_config(f"gptq={variant}", "gptq.bits=3")
     validate(cfg)
     assert cfg.gptq.bits == 3 and cfg.gptq != compose_config("gptq.bits=3").gptq
+    assert cfg.gptq.mse is not None  # a sweep point measures the same lever on a GPU as on CPU
 
 
 def test_fingerprints_change_only_downstream():

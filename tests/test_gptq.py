@@ -11,7 +11,7 @@ from pipeline import quantease
 from pipeline.data import read_jsonl
 from pipeline.models import load_tokenizer
 from pipeline.quality import generate_answers
-from pipeline.stages.gptq import choose_group_size, vllm_problems
+from pipeline.stages.gptq import choose_group_size, mse_exponent, vllm_problems
 from pipeline.stages.merge import compare, probe_batch, probe_logits
 
 from .conftest import compose_config
@@ -55,6 +55,15 @@ def test_non_default_settings_are_recorded(finished):
     manifest = json.loads((out / "default" / "gptq" / "manifest.json").read_text())
     assert manifest["config"]["gptq"]["bits"] == 4
     assert manifest["metrics"]["kernel"]  # the kernel GPTQModel picked on this device
+    assert manifest["config"]["gptq"]["mse"] is None  # null in the config, resolved for this device in the metrics
+    assert manifest["metrics"]["mse"] == (2.4 if torch.cuda.is_available() else 0.0)
+
+
+def test_mse_null_searches_ranges_on_a_gpu_only():
+    assert mse_exponent(compose_config().gptq) == (2.4 if torch.cuda.is_available() else 0.0)
+    assert mse_exponent(compose_config("gptq=mse").gptq) == 2.4
+    assert mse_exponent(compose_config("gptq=minmax").gptq) == 0.0
+    assert mse_exponent(compose_config("gptq=quantease").gptq) == 2.4
 
 
 def grid_problem(seed: int, rows: int = 48, cols: int = 96, bits: int = 3, group: int = 32):

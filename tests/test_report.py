@@ -84,7 +84,8 @@ def test_model_card_describes_the_gptq_checkpoint(finished):
         assert section in body, section
     for name in ARTIFACTS:
         assert f"| {name} |" in body, name
-    assert "| 4 | 128 | False | True |" in body  # bits, group size, desc_act, sym of the tiny checkpoint
+    # bits, group size, method, group ranges (mse=null: min/max on CPU), desc_act, sym of the tiny checkpoint
+    assert "| 4 | 128 | gptq | min/max | False | True |" in body
     assert "Merge check against NF4 base + adapter, exact" in body
 
 
