@@ -66,8 +66,8 @@ def vllm_problems(g: GPTQConfig, group_size: int, in_features: set[int]) -> list
 
 
 def mse_exponent(g: GPTQConfig) -> float:
-    """gptq.mse with null resolved: the MSE range search on a GPU, where it costs seconds; min/max on CPU, where
-    GPTQModel's search more than doubles the stage's time."""
+    """gptq.mse with null resolved: the MSE range search on a GPU; min/max on CPU, where GPTQModel's search more
+    than doubles the stage's time (README, GPTQ levers)."""
     if g.mse is not None:
         return g.mse
     if device().type == "cuda":
