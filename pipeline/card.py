@@ -36,6 +36,14 @@ def render(cfg: Config, exp: Path) -> str:
     mse = gptq["metrics"].get("mse", g["mse"])
     ranges = f"MSE search (exponent {mse:g})" if mse else "min/max"
     steps = train.get("metrics", {})
+    if g.get("dynamic"):  # transformers' GPTQ loader drops per-module settings and fails on the layers they change
+        loaders = f"GPTQModel, vLLM and SGLang load it (per-module settings {g['dynamic']}; transformers cannot)"
+        load_lines = ["from gptqmodel import GPTQModel", "from transformers import AutoTokenizer",
+                      'model = GPTQModel.load("<this folder or repo>").model']
+    else:
+        loaders = "transformers, vLLM and SGLang load it"
+        load_lines = ["from transformers import AutoModelForCausalLM, AutoTokenizer",
+                      'model = AutoModelForCausalLM.from_pretrained("<this folder or repo>", device_map="auto")']
     sources = steps.get("sources", [])
     data = " + ".join(f"`{c['source']}`" + (f" (weight {c['weight']:g})" if len(sources) > 1 else "") for c in sources)
     lines = [
@@ -43,10 +51,8 @@ def render(cfg: Config, exp: Path) -> str:
         f"# {exp.name}: GPTQ {g['bits']}-bit", "",
         f"`{cfg.model.name_or_path}` fine-tuned with QLoRA on {data}, the adapter "
         "merged into the dequantized NF4 base (which it was trained on), then quantized with GPTQ (GPTQModel). A "
-        "standard GPTQ checkpoint (`quant_method: gptq`): transformers, vLLM and SGLang load it.", "",
-        "## Use it", "", "```python",
-        "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        'model = AutoModelForCausalLM.from_pretrained("<this folder or repo>", device_map="auto")',
+        f"standard GPTQ checkpoint (`quant_method: gptq`): {loaders}.", "",
+        "## Use it", "", "```python", *load_lines,
         'tokenizer = AutoTokenizer.from_pretrained("<this folder or repo>")',
         'prompt = tokenizer.apply_chat_template([{"role": "user", "content": "..."}], add_generation_prompt=True,',
         '                                       return_tensors="pt", return_dict=True).to(model.device)',

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -153,9 +154,14 @@ class GPTQConfig:
     calib_seq_len: int = 128
     calib_source: str = "mixed"  # pydoc | train | mixed
     batch_size: int = 8  # calibration windows per forward pass: all of one length, so no padding
+    # Per-module settings, GPTQModel's `dynamic` (saved in the checkpoint; vLLM and transformers read it):
+    # {"+:<regex>": {bits: 8, group_size: 32, ...}} for the modules whose full name the regex matches from its
+    # start (the first matching rule wins), {"-:<regex>": {}} to leave them 16-bit.
+    dynamic: Any = None  # a mapping (typed Any: Hydra cannot add keys to a typed dict from the command line)
 
 
 GPTQ_METHODS = ("gptq", "gptaq", "foem")
+DYNAMIC_KEYS = ("bits", "group_size", "sym", "desc_act")  # what vLLM reads of a rule too
 ARTIFACTS = ("base16", "nf4", "qlora", "merged", "gptq", "rtn")
 
 
@@ -322,6 +328,28 @@ def validate_data(data: DataConfig) -> None:
                "null or 0 or more", source.heldout_examples)
 
 
+def group_size_allowed(size: Any) -> bool:
+    return size is None or size == -1 or (isinstance(size, int) and size > 0 and size & (size - 1) == 0)
+
+
+def validate_dynamic_rule(pattern: str, rule: Any) -> None:
+    key = f"gptq.dynamic[{pattern!r}]"
+    try:
+        re.compile(pattern.removeprefix("+:").removeprefix("-:"))
+    except re.error as error:
+        raise ConfigError(f"{key}: not a regular expression ({error})") from None
+    if pattern.startswith("-:"):
+        _check(not rule, key, "{} (a '-:' rule leaves the modules it matches 16-bit)", rule)
+        return
+    _check(isinstance(rule, Mapping) and len(rule) > 0 and set(rule) <= set(DYNAMIC_KEYS), key,
+           f"a mapping of some of {', '.join(DYNAMIC_KEYS)}", rule)
+    _check(rule.get("bits", 4) in (2, 3, 4, 8), key + ".bits", "one of 2, 3, 4, 8", rule.get("bits"))
+    _check(group_size_allowed(rule.get("group_size")), key + ".group_size", "-1 or a positive power of two",
+           rule.get("group_size"))
+    for flag in ("sym", "desc_act"):
+        _check(isinstance(rule.get(flag, False), bool), f"{key}.{flag}", "true or false", rule.get(flag))
+
+
 def validate(cfg: Any) -> None:
     """Raise ConfigError on the first bad value. Cheap: no model or data is loaded here."""
     _check(cfg.stage in RUNNABLE_STAGES, "stage", f"one of {', '.join(RUNNABLE_STAGES)}", cfg.stage)
@@ -365,9 +393,8 @@ def validate(cfg: Any) -> None:
     _check(m.probe_examples > 0, "merge.probe_examples", "a positive integer", m.probe_examples)
     g = cfg.gptq
     _check(g.bits in (2, 3, 4, 8), "gptq.bits", "one of 2, 3, 4, 8", g.bits)
-    gs = g.group_size
-    _check(gs is None or gs == -1 or (gs > 0 and gs & (gs - 1) == 0), "gptq.group_size",
-           "null (auto), -1 (per channel) or a positive power of two", gs)
+    _check(group_size_allowed(g.group_size), "gptq.group_size",
+           "null (auto), -1 (per channel) or a positive power of two", g.group_size)
     _check(0 < g.damp_percent < 1, "gptq.damp_percent", "a number in (0, 1)", g.damp_percent)
     _check(g.method in GPTQ_METHODS, "gptq.method", " or ".join(GPTQ_METHODS), g.method)
     _check(not (g.act_group_aware and g.method != "gptq"), "gptq.act_group_aware",
@@ -384,6 +411,10 @@ def validate(cfg: Any) -> None:
     _check(g.calib_seq_len > 0, "gptq.calib_seq_len", "a positive integer", g.calib_seq_len)
     _check(g.batch_size > 0, "gptq.batch_size", "a positive integer", g.batch_size)
     _check(g.calib_source in ("pydoc", "train", "mixed"), "gptq.calib_source", "pydoc, train or mixed", g.calib_source)
+    _check(g.dynamic is None or isinstance(g.dynamic, Mapping), "gptq.dynamic",
+           "null or a mapping of module regex to settings", g.dynamic)
+    for pattern, rule in (g.dynamic or {}).items():
+        validate_dynamic_rule(str(pattern), rule)
     for key, names, allowed in (("eval.artifacts", cfg.eval.artifacts, ARTIFACTS),
                                 ("bench.artifacts", cfg.bench.artifacts, ARTIFACTS)):
         _check(set(names) <= set(allowed), key, f"a list of {', '.join(allowed)}", list(names))

@@ -218,14 +218,21 @@ GPTQ_KERNELS = {"cuda": ("gptq_marlin", "gptq_exllama_v2", "gptq_torch"), "cpu":
 
 
 def load_gptq(path: Path):
-    """A GPTQ checkpoint loaded with transformers, as users load it, on the fastest kernel that takes it."""
+    """A GPTQ checkpoint loaded with transformers, as users load it, on the fastest kernel that takes it. One with
+    per-module settings (gptq.dynamic) loads with GPTQModel, as vLLM reads it too: transformers' GPTQ loader drops
+    them and fails on the layers they change."""
     from transformers import AutoModelForCausalLM, GPTQConfig
 
-    bits = json.loads((path / "config.json").read_text())["quantization_config"]["bits"]
+    quantization = json.loads((path / "config.json").read_text())["quantization_config"]
     *preferred, portable = GPTQ_KERNELS[device().type]
 
     def load(backend: str):
-        kernel = {} if backend == "auto" else {"quantization_config": GPTQConfig(bits=bits, backend=backend)}
+        if quantization.get("dynamic"):
+            from gptqmodel import GPTQModel
+
+            return GPTQModel.load(str(path), device=device(), backend=backend).model
+        kernel = {} if backend == "auto" else {"quantization_config": GPTQConfig(bits=quantization["bits"],
+                                                                                  backend=backend)}
         return AutoModelForCausalLM.from_pretrained(str(path), device_map=device_map(), use_safetensors=True,
                                                     **kernel)
     for backend in preferred:

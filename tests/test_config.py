@@ -51,6 +51,15 @@ def test_bad_values_are_refused_with_the_key(override, key):
      "gptq.refine='quantease' is not allowed: none with gptq.method=foem (QuantEase refines the plain GPTQ"),
     (["gptq.refine_sweeps=0"], "gptq.refine_sweeps=0 is not allowed: a positive integer"),
     (["gptq.batch_size=0"], "gptq.batch_size=0 is not allowed: a positive integer"),
+    (["gptq.dynamic=8"], "gptq.dynamic=8 is not allowed: null or a mapping of module regex to settings"),
+    (["gptq.dynamic={*down_proj:{bits:8}}"], "gptq.dynamic['*down_proj']: not a regular expression"),
+    (["gptq.dynamic={.*down_proj:{bits:5}}"], "gptq.dynamic['.*down_proj'].bits=5 is not allowed: one of 2, 3, 4, 8"),
+    (["gptq.dynamic={.*down_proj:{bitz:8}}"],
+     "gptq.dynamic['.*down_proj']={'bitz': 8} is not allowed: a mapping of some of bits, group_size, sym, desc_act"),
+    (["gptq.dynamic={.*down_proj:{group_size:48}}"], "gptq.dynamic['.*down_proj'].group_size=48 is not allowed"),
+    (["gptq.dynamic={.*down_proj:{sym:maybe}}"], "gptq.dynamic['.*down_proj'].sym='maybe' is not allowed"),
+    (["gptq.dynamic={-\\:lm_head:{bits:8}}"],
+     "gptq.dynamic['-:lm_head']={'bits': 8} is not allowed: {} (a '-:' rule leaves the modules it matches 16-bit)"),
 ])
 def test_bad_gptq_levers_are_refused(overrides, message):
     with pytest.raises(ConfigError) as error:

@@ -8,10 +8,11 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from pipeline import quantease
+from pipeline.config import ConfigError
 from pipeline.data import read_jsonl
-from pipeline.models import load_tokenizer
+from pipeline.models import load_gptq, load_tokenizer
 from pipeline.quality import generate_answers
-from pipeline.stages.gptq import choose_group_size, mse_exponent, vllm_problems
+from pipeline.stages.gptq import check_rules_match, choose_group_size, mse_exponent, vllm_problems
 from pipeline.stages.merge import compare, probe_batch, probe_logits
 
 from .conftest import compose_config
@@ -38,16 +39,49 @@ def test_gptq_checkpoint_loads_with_plain_transformers(finished):
     assert len(answers) == 4 and all(isinstance(a, str) for a in answers)
 
 
+def smollm2_linears(layers: int = 2) -> dict[str, int]:
+    """The names and input sizes of the layers GPTQ quantizes in SmolLM2 (a Llama), for its first layers."""
+    sizes = {"self_attn.q_proj": 576, "self_attn.k_proj": 576, "self_attn.v_proj": 576, "self_attn.o_proj": 576,
+             "mlp.gate_proj": 576, "mlp.up_proj": 576, "mlp.down_proj": 1536}
+    return {f"model.layers.{i}.{name}": size for i in range(layers) for name, size in sizes.items()}
+
+
 def test_group_size_choice_and_vllm_checks():
     smollm2 = {576, 1536}
     assert choose_group_size(None, smollm2) == 64  # 128 does not divide 576
     assert choose_group_size(None, {128, 256}) == 128
     assert choose_group_size(32, smollm2) == 32
-    assert vllm_problems(compose_config().gptq, 64, smollm2) == []
-    assert vllm_problems(compose_config("gptq.bits=8").gptq, 64, smollm2) == []
-    problems = vllm_problems(compose_config("gptq.desc_act=true", "gptq.bits=3", "gptq.sym=false").gptq, 128, smollm2)
+    assert vllm_problems(compose_config().gptq, 64, smollm2_linears()) == []
+    assert vllm_problems(compose_config("gptq.bits=8").gptq, 64, smollm2_linears()) == []
+    problems = vllm_problems(compose_config("gptq.desc_act=true", "gptq.bits=3", "gptq.sym=false").gptq, 128,
+                             smollm2_linears())
     assert len(problems) == 4, problems
     assert [word in problem for word, problem in zip(("desc_act", "bits=3", "sym", "576"), problems)] == [True] * 4
+    assert "model.layers.0.self_attn.q_proj and 11 more" in problems[3]  # one line, not one per module
+
+
+@pytest.mark.parametrize("rules, problem", [
+    ("{model.layers.1.mlp.down_proj:{bits:8}}", None),  # vLLM mixes 4 and 8 bits across its layers
+    ("{-\\:.*down_proj:{}}", None),  # and 16-bit ones
+    ("{.*down_proj:{group_size:128}}", None),  # 128 divides down_proj's 1536
+    ("{.*o_proj:{group_size:128}}", "group_size=128 does not divide the input size 576 of "
+                                    "model.layers.0.self_attn.o_proj and 1 more"),
+    ("{.*down_proj:{bits:3}}", "gptq.dynamic['.*down_proj']: bits=3: vLLM's GPTQ kernels take 4 or 8 bits"),
+    ("{.*q_proj:{bits:8}}", "gptq.dynamic treats the parts of qkv_proj (q_proj, k_proj, v_proj) differently in "
+                            "model.layers.0.self_attn, model.layers.1.self_attn"),
+    ("{-\\:model.layers.0.mlp.up_proj:{}}", "parts of gate_up_proj (gate_proj, up_proj) differently in "
+                                              "model.layers.0.mlp:"),
+])
+def test_dynamic_rules_vllm_serves_and_refuses(rules, problem):
+    g = compose_config(f"gptq.dynamic={rules}").gptq
+    problems = vllm_problems(g, 64, smollm2_linears())
+    assert problems == [] if problem is None else (len(problems) == 1 and problem in problems[0]), problems
+
+
+def test_a_dynamic_rule_matching_no_layer_is_an_error():
+    check_rules_match(compose_config("gptq.dynamic={.*down_proj:{bits:8}}").gptq, smollm2_linears())
+    with pytest.raises(ConfigError, match="gptq.dynamic\\['.*dwn_proj'\\] matches no layer GPTQ quantizes"):
+        check_rules_match(compose_config("gptq.dynamic={.*dwn_proj:{bits:8}}").gptq, smollm2_linears())
 
 
 def test_non_default_settings_are_recorded(finished):
@@ -57,6 +91,9 @@ def test_non_default_settings_are_recorded(finished):
     assert manifest["metrics"]["kernel"]  # the kernel GPTQModel picked on this device
     assert manifest["config"]["gptq"]["mse"] is None  # null in the config, resolved for this device in the metrics
     assert manifest["metrics"]["mse"] == (2.4 if torch.cuda.is_available() else 0.0)
+    losses = manifest["metrics"]["highest_losses"]  # by full layer name, for gptq.dynamic rules
+    assert len(losses) == 5 and list(losses.values()) == sorted(losses.values(), reverse=True), losses
+    assert all(name.startswith("model.layers.") and name.endswith("_proj") for name in losses), losses
 
 
 def test_mse_null_searches_ranges_on_a_gpu_only():
@@ -130,3 +167,36 @@ def test_quantease_refined_checkpoint_keeps_the_gptq_format(finished, copy_of):
     assert any(not torch.equal(refined[f"{m}.qweight"], plain[f"{m}.qweight"]) for m in first)
     model = AutoModelForCausalLM.from_pretrained(exp / "gptq", device_map="cpu")
     assert any(hasattr(m, "qweight") for m in model.modules())
+
+
+def test_dynamic_rules_give_modules_their_own_settings(finished, copy_of):
+    from safetensors.torch import load_file
+
+    exp, rerun = copy_of
+    rules = "gptq.dynamic={model.layers.1.mlp.down_proj:{bits:8},-\\:model.layers.0.mlp.down_proj:{}}"
+    rerun("stage=gptq", rules)
+    tensors = load_file(exp / "gptq" / "model.safetensors")
+    # qweight packs 32 / bits codes into each int32 along the input (256 wide for down_proj, 128 for up_proj).
+    assert tensors["model.layers.1.mlp.down_proj.qweight"].shape[0] == 256 * 8 // 32
+    assert tensors["model.layers.1.mlp.up_proj.qweight"].shape[0] == 128 * 4 // 32
+    assert "model.layers.0.mlp.down_proj.weight" in tensors
+    assert "model.layers.0.mlp.down_proj.qweight" not in tensors
+    manifest = json.loads((exp / "gptq" / "manifest.json").read_text())
+    assert manifest["metrics"]["vllm_compatible"], manifest["metrics"]["vllm_problems"]
+
+    with pytest.raises(RuntimeError, match="mismatched_sizes"):  # why the README says: GPTQModel or vLLM loads it
+        AutoModelForCausalLM.from_pretrained(exp / "gptq", device_map="cpu")
+    assert 'GPTQModel.load("<this folder or repo>")' in (exp / "gptq" / "README.md").read_text()  # the card says so
+    model = load_gptq(exp / "gptq")  # with GPTQModel, as eval and bench load it
+    assert type(model.model.layers[0].mlp.down_proj) is torch.nn.Linear
+    assert model.model.layers[1].mlp.down_proj.bits == 8 and model.model.layers[1].mlp.up_proj.bits == 4
+    merged = AutoModelForCausalLM.from_pretrained(exp / "merge", dtype=torch.bfloat16)
+    batch = probe_batch(load_tokenizer(exp / "gptq"), exp / "train", 8)
+    assert compare(probe_logits(merged, batch), probe_logits(model, batch))["argmax_agreement"] > 0.8
+
+    rerun("stage=eval", rules, "eval.artifacts=[gptq,rtn]", "eval.lm_eval.tasks=[]")  # RTN takes the same rules
+    rtn = load_file(exp / "eval" / "rtn" / "model.safetensors")
+    assert rtn["model.layers.1.mlp.down_proj.qweight"].shape[0] == 256 * 8 // 32
+    assert "model.layers.0.mlp.down_proj.weight" in rtn
+    results = json.loads((exp / "eval" / "eval.json").read_text())["artifacts"]
+    assert all(results[name]["ppl"] < 1e4 and results[name]["kernels"] for name in ("gptq", "rtn")), results

@@ -12,6 +12,7 @@ import time
 
 import psutil
 import pytest
+import torch
 
 from pipeline.artifacts import read_manifest
 from pipeline.stages.serve import missing
@@ -91,6 +92,10 @@ def test_a_checkpoint_vllm_refuses_is_not_served_and_says_why():
     why = missing(compose_config("serve.enabled=true", "gptq.bits=3"))
     assert why and "bits=3" in why, why
     assert "sym=false" in missing(compose_config("serve.enabled=true", "gptq.sym=false"))
+    if not torch.cuda.is_available():  # vLLM's CPU build fails to start on 8-bit GPTQ layers: say so up front
+        eight_bit_layer = "gptq.dynamic={model.layers.11.mlp.down_proj:{bits:8}}"
+        assert "bits=8: vLLM's GPTQ kernels take 4 bits on CPU" in missing(compose_config("serve.enabled=true",
+                                                                                          eight_bit_layer))
 
 
 def test_without_vllm_the_run_completes_and_says_not_served(copy_of):

@@ -54,9 +54,9 @@ def dense_weight(name: str, model, gptq_dir: Path, layer: str) -> torch.Tensor |
         # on CPU: read the layer through GPTQModel's portable torch kernel instead.
         from gptqmodel import BACKEND, GPTQModel
         model = GPTQModel.load(str(gptq_dir), device=device(), backend=BACKEND.GPTQ_TORCH).model
-        module = dict(model.named_modules()).get(layer)
-        return module.dequantize_weight().T.float() if module is not None else None
     module = dict(model.named_modules()).get(layer)
+    if hasattr(module, "dequantize_weight"):  # a GPTQ layer (gptq.dynamic may leave it 16-bit)
+        return module.dequantize_weight().T.float()
     weight = getattr(module, "weight", None)
     if weight is not None and hasattr(weight, "quant_state"):
         return nf4_weight(module)
@@ -68,6 +68,7 @@ def quantize_rtn(cfg: Config, merged: Path, out: Path) -> None:
 
     group_size, _ = gptq.group_size_for(cfg, merged)
     gptq.quantize(cfg, merged, out, RTNConfig(bits=cfg.gptq.bits, group_size=group_size, sym=cfg.gptq.sym,
+                                              dynamic=gptq.dynamic_rules(cfg.gptq),
                                               offload_to_disk_path=str(out.resolve() / "offload")), None)
 
 

@@ -7,6 +7,7 @@ the manifest's `vllm_compatible` is true.
 from __future__ import annotations
 
 import contextlib
+import csv
 import json
 import logging
 import os
@@ -14,9 +15,10 @@ import shutil
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 
 from .. import quantease
-from ..config import Config, GPTQConfig
+from ..config import Config, ConfigError, GPTQConfig
 from ..data import calibration_windows, read_jsonl
 from ..models import device, load_gptq, load_tokenizer, meta_model, quantized_kernels
 
@@ -28,11 +30,17 @@ log = logging.getLogger(__name__)
 AUTO_GROUP_SIZES = (128, 64, 32)
 
 
-def linear_in_features(model_dir: Path, trust_remote_code: bool) -> set[int]:
-    """Input sizes of the layers GPTQ quantizes (every Linear but the LM head), read on the meta device."""
+# vLLM fuses these projections into one layer, which takes one setting: every part must get the same.
+FUSED_IN_VLLM = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+def quantized_linears(model_dir: Path, trust_remote_code: bool) -> dict[str, int]:
+    """The input size of each layer GPTQ quantizes (every Linear but the LM head) by name, read on the meta
+    device."""
     model = meta_model(model_dir, trust_remote_code)
     head = model.get_output_embeddings()
-    return {m.in_features for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head}
+    return {name: m.in_features for name, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and m is not head}
 
 
 def choose_group_size(requested: int | None, in_features: set[int]) -> int:
@@ -44,24 +52,73 @@ def choose_group_size(requested: int | None, in_features: set[int]) -> int:
     return -1
 
 
-def settings_problems(g: GPTQConfig) -> list[str]:
-    """What in the GPTQ settings alone makes a checkpoint vLLM refuses. Its GPTQ layers run on Marlin kernels,
-    which take 4- and 8-bit symmetric grids in static order only."""
-    problems = []
-    if g.desc_act:
-        problems.append("desc_act=true (dynamic act-order): vLLM refuses such checkpoints")
-    if g.bits not in (4, 8):
-        problems.append(f"bits={g.bits}: vLLM's GPTQ kernels take 4 or 8 bits")
-    if not g.sym:
-        problems.append("sym=false: vLLM's GPTQ kernels take symmetric grids only")
+def dynamic_rules(g: GPTQConfig) -> dict | None:
+    """gptq.dynamic as the plain dict GPTQModel takes."""
+    return OmegaConf.to_container(g.dynamic) if OmegaConf.is_config(g.dynamic) else g.dynamic
+
+
+def module_settings(g: GPTQConfig, group_size: int, name: str) -> dict | None:
+    """The settings module `name` is quantized with: those of gptq.dynamic's first rule matching it (resolved
+    by GPTQModel, as vLLM resolves them) over the stage's; None where a '-:' rule leaves it 16-bit."""
+    from gptqmodel.quantization.config import dynamic_get
+
+    rule = dynamic_get(dynamic_rules(g), name)
+    if rule is False:
+        return None
+    return {"bits": g.bits, "group_size": group_size, "sym": g.sym, "desc_act": g.desc_act, **(rule or {})}
+
+
+def check_rules_match(g: GPTQConfig, linears: dict[str, int]) -> None:
+    """A gptq.dynamic rule that matches no layer is a typo, not a choice: stop before quantizing."""
+    from gptqmodel.quantization.config import dynamic_get
+
+    for pattern in dynamic_rules(g) or {}:
+        if all(dynamic_get({pattern: {}}, name) is None for name in linears):
+            raise ConfigError(f"gptq.dynamic[{pattern!r}] matches no layer GPTQ quantizes; their names are like "
+                              f"{next(iter(linears))!r}")
+
+
+def settings_problems(g: GPTQConfig, on_cpu: bool = False) -> list[str]:
+    """What in the GPTQ settings alone (the stage's and each gptq.dynamic rule's) makes a checkpoint vLLM refuses
+    (`on_cpu`: vLLM's CPU build). Its GPTQ layers run on Marlin kernels, which take 4- and 8-bit (on CPU: 4-bit)
+    symmetric grids in static order only."""
+    problems, served_bits = [], (4,) if on_cpu else (4, 8)
+    rules = {"": {"bits": g.bits, "sym": g.sym, "desc_act": g.desc_act}}
+    rules |= {f"gptq.dynamic[{pattern!r}]: ": rule for pattern, rule in (dynamic_rules(g) or {}).items()
+              if not pattern.startswith("-:")}
+    for where, rule in rules.items():
+        if rule.get("desc_act"):
+            problems.append(f"{where}desc_act=true (dynamic act-order): vLLM refuses such checkpoints")
+        if rule.get("bits", 4) not in served_bits:
+            problems.append(f"{where}bits={rule['bits']}: vLLM's GPTQ kernels take "
+                            f"{' or '.join(map(str, served_bits))} bits{' on CPU' if on_cpu else ''}")
+        if rule.get("sym") is False:
+            problems.append(f"{where}sym=false: vLLM's GPTQ kernels take symmetric grids only")
     return problems
 
 
-def vllm_problems(g: GPTQConfig, group_size: int, in_features: set[int]) -> list[str]:
+def vllm_problems(g: GPTQConfig, group_size: int, linears: dict[str, int]) -> list[str]:
+    """settings_problems, and what in the model's layers makes vLLM refuse the checkpoint (one line per kind)."""
     problems = settings_problems(g)
-    if group_size > 0 and any(f % group_size for f in in_features):
-        problems.append(f"group_size={group_size} does not divide every layer input size {sorted(in_features)}: "
-                        "vLLM's loader fails on it")
+    settings = {name: module_settings(g, group_size, name) for name in linears}
+    misfits: dict[tuple[int, int], list[str]] = {}  # (group size, input size) -> layers
+    for name, size in linears.items():
+        group = (settings[name] or {}).get("group_size", -1)
+        if group > 0 and size % group:
+            misfits.setdefault((group, size), []).append(name)
+    for (group, size), names in misfits.items():
+        problems.append(f"group_size={group} does not divide the input size {size} of {names[0]}"
+                        f"{f' and {len(names) - 1} more' if len(names) > 1 else ''}: vLLM's loader fails on it")
+    for fused, parts in FUSED_IN_VLLM.items():
+        split = []
+        for name in linears:
+            parent, _, part = name.rpartition(".")
+            names = [f"{parent}.{p}" for p in parts[1:]] + [f"{parent}.{fused}"]
+            if part == parts[0] and any(module_settings(g, group_size, n) != settings[name] for n in names):
+                split.append(parent)
+        if split:
+            problems.append(f"gptq.dynamic treats the parts of {fused} ({', '.join(parts)}) differently in "
+                            f"{', '.join(split)}: vLLM runs them as one layer and refuses that")
     return problems
 
 
@@ -77,14 +134,29 @@ def mse_exponent(g: GPTQConfig) -> float:
     return 0.0
 
 
+def highest_losses(checkpoint: Path, linears: dict[str, int], count: int = 5) -> dict[str, float]:
+    """The layers GPTQ quantized worst, by GPTQModel's log of each one's loss: the first to give more bits with
+    gptq.dynamic (on the default model, three down_proj layers lose far more than all others)."""
+    path = checkpoint / "quant_log.csv"
+    if not path.is_file():
+        return {}
+    with open(path) as f:
+        rows = sorted(csv.DictReader(f), key=lambda row: -float(row["loss"]))[:count]
+    # The log names a layer by its block's index and its name inside the block.
+    short = {row["layer"] + "." + row["module"]: float(row["loss"]) for row in rows}
+    return {next((name for name in linears if name.endswith("." + layer)), layer): loss
+            for layer, loss in short.items()}
+
+
 def kernel_name(checkpoint: Path) -> str:
     """The kernel class(es) that loading the checkpoint with transformers, as eval and users do, uses here."""
     return ", ".join(quantized_kernels(load_gptq(checkpoint)))
 
 
-def group_size_for(cfg: Config, merged: Path) -> tuple[int, set[int]]:
-    in_features = linear_in_features(merged, cfg.model.trust_remote_code)
-    return choose_group_size(cfg.gptq.group_size, in_features), in_features
+def group_size_for(cfg: Config, merged: Path) -> tuple[int, dict[str, int]]:
+    """The stage-wide group size, and the input size of each layer GPTQ quantizes."""
+    linears = quantized_linears(merged, cfg.model.trust_remote_code)
+    return choose_group_size(cfg.gptq.group_size, set(linears.values())), linears
 
 
 def offload_finds_the_head(merged: Path, trust_remote_code: bool) -> bool:
@@ -140,8 +212,9 @@ def run(cfg: Config, work: Path, inputs: dict[str, Path]) -> dict:
     from gptqmodel.quantization.config import GPTQConfig as QuantizeConfig  # GPTQModel's; ours is GPTQConfig
 
     g, merged = cfg.gptq, inputs["merge"]
-    group_size, in_features = group_size_for(cfg, merged)
-    problems = vllm_problems(g, group_size, in_features)
+    group_size, linears = group_size_for(cfg, merged)
+    check_rules_match(g, linears)
+    problems = vllm_problems(g, group_size, linears)
     for problem in problems:
         log.warning("gptq: the checkpoint will not serve in vLLM: %s", problem)
 
@@ -155,15 +228,20 @@ def run(cfg: Config, work: Path, inputs: dict[str, Path]) -> dict:
     quant_config = QuantizeConfig(bits=g.bits, group_size=group_size, desc_act=g.desc_act, sym=g.sym,
                                   act_group_aware=act_group_aware, mse=mse, damp_percent=g.damp_percent,
                                   gptaq={} if g.method == "gptaq" else None, foem={} if g.method == "foem" else None,
-                                  offload_to_disk_path=str(work.resolve() / "offload"))
+                                  dynamic=dynamic_rules(g), offload_to_disk_path=str(work.resolve() / "offload"))
     errors: dict[str, tuple[float, float]] = {}
     refinement = (quantease.refining_gptq(g.refine_sweeps, g.damp_percent, errors) if g.refine == "quantease"
                   else contextlib.nullcontext())
     quantize(cfg, merged, work, quant_config, calibration, refinement)
 
+    losses = highest_losses(work, linears)
+    if losses:
+        log.info("gptq: the highest losses: %s (gptq.dynamic can give such layers more bits; README, GPTQ levers)",
+                 ", ".join(f"{name} {loss:.3g}" for name, loss in losses.items()))
     result = {"group_size": group_size, "act_group_aware": quant_config.act_group_aware, "mse": mse,
-              "calibration_windows": len(windows), "layer_in_features": sorted(in_features),
-              "vllm_compatible": not problems, "vllm_problems": problems, "kernel": kernel_name(work)}
+              "calibration_windows": len(windows), "layer_in_features": sorted(set(linears.values())),
+              "vllm_compatible": not problems, "vllm_problems": problems, "kernel": kernel_name(work),
+              "highest_losses": losses}
     if errors:
         (work / "quantease_errors.json").write_text(json.dumps(errors, indent=1))
         before, after = (sum(e[i] for e in errors.values()) / len(errors) for i in (0, 1))

@@ -57,7 +57,7 @@ def missing(cfg: Config) -> str | None:
     """Why this run does not serve (turned off, no vLLM, or a vLLM build this CPU cannot run), or None."""
     if not cfg.serve.enabled:
         return "serve.enabled=false"
-    refused = settings_problems(cfg.gptq)
+    refused = settings_problems(cfg.gptq, on_cpu=not torch.cuda.is_available())
     if refused:
         return f"vLLM cannot serve this GPTQ checkpoint: {'; '.join(refused)}"
     python = vllm_python(cfg)
