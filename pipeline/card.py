@@ -37,7 +37,7 @@ def render(cfg: Config, exp: Path) -> str:
     ranges = f"MSE search (exponent {mse:g})" if mse else "min/max"
     steps = train.get("metrics", {})
     if g.get("dynamic"):  # transformers' GPTQ loader drops per-module settings and fails on the layers they change
-        loaders = f"GPTQModel, vLLM and SGLang load it (per-module settings {g['dynamic']}; transformers cannot)"
+        loaders = f"GPTQModel and vLLM load it (per-module settings {g['dynamic']}; transformers cannot)"
         load_lines = ["from gptqmodel import GPTQModel", "from transformers import AutoTokenizer",
                       'model = GPTQModel.load("<this folder or repo>").model']
     else:

@@ -154,9 +154,9 @@ class GPTQConfig:
     calib_seq_len: int = 128
     calib_source: str = "mixed"  # pydoc | train | mixed
     batch_size: int = 8  # calibration windows per forward pass: all of one length, so no padding
-    # Per-module settings, GPTQModel's `dynamic` (saved in the checkpoint; vLLM and transformers read it):
-    # {"+:<regex>": {bits: 8, group_size: 32, ...}} for the modules whose full name the regex matches from its
-    # start (the first matching rule wins), {"-:<regex>": {}} to leave them 16-bit.
+    # Per-module settings, GPTQModel's `dynamic`, saved in the checkpoint (GPTQModel and vLLM read it, transformers
+    # does not): {"+:<regex>": {bits: 8, group_size: 32, ...}} for the modules whose full name the regex matches
+    # from its start (the first matching rule wins), {"-:<regex>": {}} to leave them 16-bit.
     dynamic: Any = None  # a mapping (typed Any: Hydra cannot add keys to a typed dict from the command line)
 
 
