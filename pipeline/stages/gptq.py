@@ -149,7 +149,7 @@ def highest_losses(checkpoint: Path, linears: dict[str, int], count: int = 5) ->
 
 
 def kernel_name(checkpoint: Path) -> str:
-    """The kernel class(es) that loading the checkpoint with transformers, as eval and users do, uses here."""
+    """The kernel class(es) that loading the checkpoint as eval and users do (load_gptq) uses here."""
     return ", ".join(quantized_kernels(load_gptq(checkpoint)))
 
 
