@@ -37,13 +37,19 @@ def render(cfg: Config, exp: Path) -> str:
     ranges = f"MSE search (exponent {mse:g})" if mse else "min/max"
     steps = train.get("metrics", {})
     if g.get("dynamic"):  # transformers' GPTQ loader drops per-module settings and fails on the layers they change
-        loaders = f"GPTQModel and vLLM load it (per-module settings {g['dynamic']}; transformers cannot)"
+        loaders = f"GPTQModel loads it (per-module settings {g['dynamic']}; transformers cannot)"
         load_lines = ["from gptqmodel import GPTQModel", "from transformers import AutoTokenizer",
                       'model = GPTQModel.load("<this folder or repo>").model']
     else:
-        loaders = "transformers, vLLM and SGLang load it"
+        loaders = "transformers and GPTQModel load it"
         load_lines = ["from transformers import AutoModelForCausalLM, AutoTokenizer",
                       'model = AutoModelForCausalLM.from_pretrained("<this folder or repo>", device_map="auto")']
+    # The gptq stage's own check of what vLLM's loader takes: a card must not offer `vllm serve` where it fails.
+    vllm_refuses = gptq["metrics"].get("vllm_problems", [])
+    servers = f"vLLM refuses it ({'; '.join(vllm_refuses)})" if vllm_refuses else "vLLM and SGLang serve it"
+    serve_lines = [] if vllm_refuses else [
+        "```bash", "vllm serve <this folder or repo>   # OpenAI-compatible server; the chat template ships with the "
+        "checkpoint", "```"]
     sources = steps.get("sources", [])
     data = " + ".join(f"`{c['source']}`" + (f" (weight {c['weight']:g})" if len(sources) > 1 else "") for c in sources)
     lines = [
@@ -51,14 +57,12 @@ def render(cfg: Config, exp: Path) -> str:
         f"# {exp.name}: GPTQ {g['bits']}-bit", "",
         f"`{cfg.model.name_or_path}` fine-tuned with QLoRA on {data}, the adapter "
         "merged into the dequantized NF4 base (which it was trained on), then quantized with GPTQ (GPTQModel). A "
-        f"standard GPTQ checkpoint (`quant_method: gptq`): {loaders}.", "",
+        f"standard GPTQ checkpoint (`quant_method: gptq`): {loaders}; {servers}.", "",
         "## Use it", "", "```python", *load_lines,
         'tokenizer = AutoTokenizer.from_pretrained("<this folder or repo>")',
         'prompt = tokenizer.apply_chat_template([{"role": "user", "content": "..."}], add_generation_prompt=True,',
         '                                       return_tensors="pt", return_dict=True).to(model.device)',
-        "print(tokenizer.decode(model.generate(**prompt, max_new_tokens=64)[0]))", "```", "```bash",
-        "vllm serve <this folder or repo>   # OpenAI-compatible server; the chat template ships with the checkpoint",
-        "```", "",
+        "print(tokenizer.decode(model.generate(**prompt, max_new_tokens=64)[0]))", "```", *serve_lines, "",
         "## Quantization", "",
         "| bits | group size | method | group ranges | desc_act | sym | damp | calibration | vLLM-compatible |",
         "|---|---|---|---|---|---|---|---|---|",

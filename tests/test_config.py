@@ -3,13 +3,15 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+import yaml
 
 from pipeline.config import ConfigError, validate
 from pipeline.runner import fingerprints, plan
 
-from .conftest import compose_config
+from .conftest import CONF_DIR, compose_config
 
 
 def test_defaults_compose_and_are_deployable():
@@ -26,6 +28,9 @@ def test_experiment_overrides_apply():
     cfg = compose_config("experiment=gptq_levers")
     validate(cfg)
     assert cfg.stage == "eval" and list(cfg.eval.artifacts) == ["gptq"]
+    cfg = compose_config("experiment=max_quality")
+    validate(cfg)
+    assert cfg.gptq.sym is False and cfg.gptq.mse == 2.4
 
 
 @pytest.mark.parametrize("override, key", [
@@ -67,13 +72,20 @@ def test_bad_gptq_levers_are_refused(overrides, message):
     assert message in str(error.value)
 
 
-@pytest.mark.parametrize("variant", ["minmax", "mse", "natural_order", "gptaq", "foem", "more_calibration",
-                                     "quantease"])
+GPTQ_VARIANTS = sorted(p.stem for p in (Path(CONF_DIR) / "gptq").glob("*.yaml") if p.stem != "default")
+
+
+@pytest.mark.parametrize("variant", GPTQ_VARIANTS)
 def test_gptq_variants_compose_valid_configs(variant):
     cfg = compose_config(f"gptq={variant}", "gptq.bits=3")
     validate(cfg)
     assert cfg.gptq.bits == 3 and cfg.gptq != compose_config("gptq.bits=3").gptq
     assert cfg.gptq.mse is not None  # a sweep point measures the same lever on a GPU as on CPU
+
+
+def test_the_levers_sweep_has_every_gptq_variant():
+    sweep = yaml.safe_load((Path(CONF_DIR) / "experiment" / "gptq_levers.yaml").read_text())["hydra"]["sweeper"]
+    assert sorted(sweep["params"]["gptq"].split(",")) == GPTQ_VARIANTS
 
 
 def test_fingerprints_change_only_downstream():

@@ -200,3 +200,22 @@ def test_dynamic_rules_give_modules_their_own_settings(finished, copy_of):
     assert "model.layers.0.mlp.down_proj.weight" in rtn
     results = json.loads((exp / "eval" / "eval.json").read_text())["artifacts"]
     assert all(results[name]["ppl"] < 1e4 and results[name]["kernels"] for name in ("gptq", "rtn")), results
+
+
+def test_asymmetric_grids_load_in_transformers_and_the_card_says_vllm_refuses_them(finished, copy_of):
+    from safetensors.torch import load_file
+
+    exp, rerun = copy_of
+    rerun("stage=gptq", "gptq=asym")
+    qzeros = load_file(exp / "gptq" / "model.safetensors")["model.layers.0.mlp.down_proj.qzeros"]
+    zeros = torch.stack([(qzeros >> (4 * i)) & 0xF for i in range(8)])  # eight 4-bit zero points per int32
+    assert len(zeros.unique()) > 2, zeros.unique()  # a symmetric grid stores the same zero point (7) everywhere
+    manifest = json.loads((exp / "gptq" / "manifest.json").read_text())
+    assert not manifest["metrics"]["vllm_compatible"] and "sym=false" in manifest["metrics"]["vllm_problems"][0]
+    card = (exp / "gptq" / "README.md").read_text()
+    assert "vLLM refuses it (sym=false" in card and "vllm serve" not in card  # no command that fails
+
+    gptq = AutoModelForCausalLM.from_pretrained(exp / "gptq", device_map="cpu")
+    merged = AutoModelForCausalLM.from_pretrained(exp / "merge", dtype=torch.bfloat16)
+    batch = probe_batch(load_tokenizer(exp / "gptq"), exp / "train", 8)
+    assert compare(probe_logits(merged, batch), probe_logits(gptq, batch))["argmax_agreement"] > 0.8

@@ -81,7 +81,7 @@ def test_model_card_describes_the_gptq_checkpoint(finished):
     assert metadata["library_name"] == "transformers" and {"gptq", "4-bit", "qlora"} <= set(metadata["tags"])
     assert "base_model" not in metadata  # a local directory is no hub id
     for section in ("## Use it", "AutoModelForCausalLM.from_pretrained", "## Quantization", "## Training",
-                    "## Evaluation", "vllm serve"):
+                    "## Evaluation", "vLLM and SGLang serve it", "vllm serve"):
         assert section in body, section
     for name in ARTIFACTS:
         assert f"| {name} |" in body, name
