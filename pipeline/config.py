@@ -126,6 +126,10 @@ class TrainConfig:
 @dataclass
 class MergeConfig:
     dtype: str = "bfloat16"
+    # nf4: into dequant(W_nf4), the weights the adapter was trained on (reproduces NF4 base + adapter exactly);
+    # original: into the 16-bit source weights (what LLaMA-Factory and unsloth do; no exact reference exists).
+    into: str = "nf4"
+    max_shard_size: str = "2GB"  # the merged checkpoint's shards (HF's syntax); the merge holds about one in memory
     probe_examples: int = 8
     # In float32 the merged model must reproduce NF4 base + adapter on the probe batch within these bounds.
     min_argmax_agreement: float = 0.999
@@ -158,6 +162,20 @@ class GPTQConfig:
     # does not): {"+:<regex>": {bits: 8, group_size: 32, ...}} for the modules whose full name the regex matches
     # from its start (the first matching rule wins), {"-:<regex>": {}} to leave them 16-bit.
     dynamic: Any = None  # a mapping (typed Any: Hydra cannot add keys to a typed dict from the command line)
+
+
+MERGE_TARGETS = ("nf4", "original")
+
+
+def shard_bytes(size: Any) -> int | None:
+    """merge.max_shard_size in bytes (HF's syntax: an integer, or "2GB", "500MB", "1GiB"), None if unreadable."""
+    from transformers.utils.hub import convert_file_size_to_int
+
+    try:
+        n = convert_file_size_to_int(size)
+    except (ValueError, TypeError):
+        return None
+    return n if isinstance(n, int) and n > 0 else None
 
 
 GPTQ_METHODS = ("gptq", "gptaq", "foem")
@@ -391,6 +409,9 @@ def validate(cfg: Any) -> None:
     m = cfg.merge
     _check(0 <= m.min_argmax_agreement <= 1, "merge.min_argmax_agreement", "a number in [0, 1]", m.min_argmax_agreement)
     _check(m.probe_examples > 0, "merge.probe_examples", "a positive integer", m.probe_examples)
+    _check(m.into in MERGE_TARGETS, "merge.into", " or ".join(MERGE_TARGETS), m.into)
+    _check(shard_bytes(m.max_shard_size) is not None, "merge.max_shard_size", "a size such as 2GB or 500MB",
+           m.max_shard_size)
     g = cfg.gptq
     _check(g.bits in (2, 3, 4, 8), "gptq.bits", "one of 2, 3, 4, 8", g.bits)
     _check(group_size_allowed(g.group_size), "gptq.group_size",

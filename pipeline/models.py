@@ -147,20 +147,6 @@ def repacked_for_cpu(layer) -> bool:
     return bool(getattr(layer.weight.quant_state, "packing_format_for_cpu", False))
 
 
-def nf4_in_float32(model, cpu_packing: bool = False):
-    """An NF4 model that computes in float32 throughout: the unquantized weights (norms, embeddings) cast to
-    float32, which is exact for 16-bit values, and every 4-bit layer dequantizing to float32 (its quant state
-    says bf16, which would round W_nf4) and computing in float32. Without `cpu_packing` the 4-bit layers keep the
-    standard layout and the float32 computation on CPUs with AVX512-BF16 too."""
-    for param in model.parameters():
-        if param.is_floating_point() and param.dtype != torch.float32:
-            param.data = param.data.float()
-    for layer in nf4_layers(model):
-        layer.compute_dtype = layer.weight.quant_state.dtype = torch.float32
-        layer.support_avx512bf16_for_cpu = cpu_packing and layer.support_avx512bf16_for_cpu
-    return model
-
-
 def nf4_weight(layer) -> torch.Tensor:
     """dequant(W_nf4) of one 4-bit layer as float32, refusing weights bitsandbytes has repacked (see
     repacked_for_cpu)."""
@@ -196,17 +182,28 @@ def dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
+def local_dir(path: Path | str, model: ModelConfig) -> Path:
+    """A checkpoint as a local folder: a folder as it is, a hub id as its snapshot in the hub cache (fetched if
+    missing, where the hub can be reached)."""
+    if Path(path).is_dir():
+        return Path(path)
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(str(path), revision=model.revision, allow_patterns=["*.json", "*.safetensors"]))
+
+
 def artifact_paths(inputs: dict[str, Path]) -> dict[str, Path | str]:
-    """Where each artifact of a run lives (base16 may be a hub id when the base model came from the hub)."""
+    """Where each artifact of the given stages lives (base16 may be a hub id when the base model came from the
+    hub)."""
     from .artifacts import read_manifest
 
     source = read_manifest(inputs["base"])["metrics"]["source"]
     paths: dict[str, Path | str] = {
         "base16": inputs["base"] / source if (inputs["base"] / source).is_dir() else source,
-        "nf4": inputs["base"] / "nf4", "qlora": inputs["train"] / "adapter", "merged": inputs["merge"],
-        "gptq": inputs["gptq"]}
-    if "rtn" in inputs:
-        paths["rtn"] = inputs["rtn"]
+        "nf4": inputs["base"] / "nf4", "qlora": inputs["train"] / "adapter"}
+    for name, stage in (("merged", "merge"), ("gptq", "gptq"), ("rtn", "rtn")):
+        if stage in inputs:
+            paths[name] = inputs[stage]
     return paths
 
 

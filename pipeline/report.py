@@ -9,7 +9,8 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 REFERENCE = "merged"
-COLUMNS = ("artifact", "size MB", "params MB", "ppl", "task acc", "task sim", "prefill ms", "decode tok/s",
+BASE = "base16"  # general-text perplexity is also shown against the base model: how much of it the run kept
+COLUMNS = ("artifact", "size MB", "params MB", "ppl", "ppl / base16", "task acc", "task sim", "prefill ms", "decode tok/s",
            "compiled tok/s", "roofline", "peak mem MB")
 
 
@@ -25,6 +26,10 @@ def _cell(value, reference, fmt: str, ratio: bool = True) -> str:
         times = value / reference
         text += f" ({times:.2f}x)" if times < 100 else f" ({times:.3g}x)"  # a base model's answer perplexity: 4e+06x
     return text
+
+
+def _vs_base(ppl: float | None, base_ppl: float | None) -> str:
+    return f"{ppl / base_ppl:.2f}x" if ppl and base_ppl else "-"
 
 
 def _batch1(bench: dict, compiled: bool = False) -> dict | None:
@@ -72,13 +77,15 @@ def _compiled(row: dict) -> str:
 
 def markdown(table: list[dict]) -> str:
     ref = next((r for r in table if r["artifact"] == REFERENCE), {})
+    base_ppl = next((r["ppl"] for r in table if r["artifact"] == BASE), None)
     mb = 1e6
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for r in table:
         def scaled(key):
             return (r[key] / mb if r[key] else None), (ref.get(key) / mb if ref.get(key) else None)
         cells = [r["artifact"], _cell(*scaled("size"), ".1f"), _cell(*scaled("params"), ".1f"),
-                 _cell(r["ppl"], ref.get("ppl"), ".2f"), _cell(r["task"], None, ".1%", ratio=False),
+                 _cell(r["ppl"], ref.get("ppl"), ".2f"), _vs_base(r["ppl"], base_ppl),
+                 _cell(r["task"], None, ".1%", ratio=False),
                  _cell(r["similarity"], None, ".1%", ratio=False), _cell(r["prefill"], ref.get("prefill"), ".1f"),
                  _cell(r["decode"], ref.get("decode"), ".1f"),
                  _compiled(r), _cell(r["roofline"], None, ".1%", ratio=False), _cell(*scaled("peak"), ".0f")]
@@ -153,7 +160,8 @@ def notes(bench: dict) -> list[str]:
     device = bench["device"]
     where = device.get("gpu") or device.get("cpu")
     cuda = f", CUDA {device['cuda']}" if device.get("cuda") else ""
-    return [f"Ratios in parentheses are against the {REFERENCE} 16-bit model. Speed: batch 1, prompt "
+    return [f"Ratios in parentheses are against the {REFERENCE} 16-bit model; `ppl / base16` against the base "
+            f"model in 16 bits (what a run kept of the original model's general text). Speed: batch 1, prompt "
             f"{single.get('prompt_len')} tokens, {single.get('new_tokens')} new tokens, KV cache on, median of "
             f"repeats. Compiled: transformers' static KV cache + torch.compile, batch 1, compilation not counted "
             f"(`-`: not measured, or a quantization transformers does not compile, as GPTQ). Roofline: decode tok/s "
@@ -264,17 +272,18 @@ def write_sweep(root: Path) -> str | None:
     scores = {p: e.get("artifacts", {}).get("gptq", {}).get("lm_eval", {}) for p, e in evals.items()}
     lm_columns = list(dict.fromkeys((task, metric) for tasks in scores.values()
                                     for task, metrics in tasks.items() for metric in metrics))
-    lines = ["| sweep point | gptq ppl | merged ppl | task acc | task sim | "
+    lines = ["| sweep point | gptq ppl | merged ppl | gptq ppl / base16 | task acc | task sim | "
              + "".join(f"{task} {metric} | " for task, metric in lm_columns)
-             + "gptq s | decode tok/s | size MB |", "|" + "---|" * (8 + len(lm_columns))]
+             + "gptq s | decode tok/s | size MB |", "|" + "---|" * (9 + len(lm_columns))]
     for point in points:
         by_name = {r["artifact"]: r for r in rows(evals[point], _load(point / "bench" / "bench.json"))}
-        gptq, merged = by_name.get("gptq", {}), by_name.get("merged", {})
+        gptq, merged, base = by_name.get("gptq", {}), by_name.get("merged", {}), by_name.get(BASE, {})
         size = gptq.get("size") and gptq["size"] / 1e6
         seconds = _load(point / "gptq" / "manifest.json").get("seconds")
         lm = "".join(f"{_cell(scores[point].get(task, {}).get(metric), None, '.4g')} | " for task, metric in lm_columns)
         lines.append(f"| [{point.name}]({point.name}/report.md) | {_cell(gptq.get('ppl'), None, '.2f')} | "
-                     f"{_cell(merged.get('ppl'), None, '.2f')} | {_cell(gptq.get('task'), None, '.1%', False)} | "
+                     f"{_cell(merged.get('ppl'), None, '.2f')} | {_vs_base(gptq.get('ppl'), base.get('ppl'))} | "
+                     f"{_cell(gptq.get('task'), None, '.1%', False)} | "
                      f"{_cell(gptq.get('similarity'), None, '.1%', False)} | {lm}{_cell(seconds, None, '.0f')} | "
                      f"{_cell(gptq.get('decode'), None, '.1f')} | {_cell(size, None, '.1f')} |")
     if len(lines) == 2:

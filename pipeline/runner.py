@@ -16,7 +16,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from . import __version__, card, distributed, harness, preflight, report
+from . import __version__, card, distributed, harness, memory, preflight, report
 from .artifacts import StageDir, fingerprint
 from .config import STAGES, Config, validate
 from .data import data_identity
@@ -120,10 +120,14 @@ def build(cfg: Config, artifact: StageDir, upstream: dict[str, StageDir], togeth
             return None
         log.info("%s: running -> %s", artifact.stage, artifact.path)
         start = time.perf_counter()
-        metrics = module.run(cfg, work, {up: a.path for up, a in upstream.items()})
+        with memory.peak() as peak:
+            metrics = module.run(cfg, work, {up: a.path for up, a in upstream.items()})
         seconds = time.perf_counter() - start
+        log.info("%s: peak memory %s", artifact.stage,
+                 ", ".join(f"{key.removesuffix('_bytes')} {value / 2**30:.2f} GiB" for key, value in peak.items()))
         if main:
             artifact.commit({"config": config_slice(cfg, artifact.stage), "seconds": round(seconds, 2),
+                             "peak_memory": peak,
                              "upstream": {up: a.fingerprint for up, a in upstream.items()}, "metrics": metrics,
                              "processes": distributed.world_size()})
         return seconds

@@ -64,8 +64,11 @@ def test_report_has_the_table_and_plots(finished):
     out, _, _ = finished
     exp = out / "default"
     report = (exp / "report.md").read_text()
-    assert ("| artifact | size MB | params MB | ppl | task acc | task sim | prefill ms | decode tok/s | "
-            "compiled tok/s | roofline |") in report
+    assert ("| artifact | size MB | params MB | ppl | ppl / base16 | task acc | task sim | prefill ms | "
+            "decode tok/s | compiled tok/s | roofline |") in report
+    evaluation = json.loads((exp / "eval" / "eval.json").read_text())["artifacts"]
+    gptq_row = next(line for line in report.splitlines() if line.startswith("| gptq |"))
+    assert f"| {evaluation['gptq']['ppl'] / evaluation['base16']['ppl']:.2f}x |" in gptq_row, gptq_row
     assert "x eager, " in report  # the merged model's compiled decode
     for name in ARTIFACTS:
         assert f"| {name} |" in report
@@ -114,6 +117,7 @@ def test_sweep_table_has_a_row_per_point_with_lm_eval_and_gptq_time(finished, tm
     assert (tmp_path / "sweep" / "sweep.md").read_text().endswith(table[-1] + "\n")
     header = [cell.strip() for cell in table[0].strip("|").split("|")]
     assert "pipeline_text bits_per_byte" in header and "pipeline_heldout acc" in header and "gptq s" in header
+    assert "gptq ppl / base16" in header
     assert len(table) == 4 and all(len(row.strip("|").split("|")) == len(header) for row in table[2:])
     seconds = json.loads((out / "default" / "gptq" / "manifest.json").read_text())["seconds"]
     row = dict(zip(header, (cell.strip() for cell in table[2].strip("|").split("|"))))

@@ -1,35 +1,240 @@
 """merge: dequantize the NF4 base and merge the adapter into it, then save a plain 16-bit HF checkpoint.
 
-The adapter learned a correction to the NF4 weights (W_nf4 + BA), not to the original 16-bit ones, so it is
-merged into dequant(W_nf4), in float32, read from a freshly loaded NF4 checkpoint before any forward pass
-(bitsandbytes may repack the weights during one: see models.repacked_for_cpu).
+The adapter learned a correction to the NF4 weights (W_nf4 + BA), not to the original 16-bit ones, so by default
+(`merge.into=nf4`) it is merged into dequant(W_nf4), in float32; `merge.into=original` merges it into the 16-bit
+source weights instead, as LLaMA-Factory and unsloth do.
 
-The merged model is then checked against NF4 base + adapter on a probe batch. The check is exact when that
-reference computes in float32, as bitsandbytes does on GPU, and on every CPU once its packed bf16 CPU kernel is
-switched off for the check: limits `merge.min_argmax_agreement` and `merge.max_mean_abs_logit_diff`. Should the
-reference compute in a 16-bit dtype all the same, exactness is out of reach and the limits come from that dtype:
-twice the distance between the merged model in float32 and the same model in that dtype, on the same batch. The
-manifest records which check ran (`check.mode`), its limits and its numbers, and how far the stored
-`merge.dtype` copy is from the reference (`probe_<dtype>`).
+The merge streams, so that its memory does not grow with the model: weights are read from the saved checkpoints
+tensor by tensor (safetensors), one decoder layer at a time (see Streamed), merged by peft's own LoRA layers, and
+written to shards of at most `merge.max_shard_size` as they fill (the HF sharded layout). Reading the saved NF4
+checkpoint also means that no forward pass has run on the weights (bitsandbytes may repack them during one: see
+models.repacked_for_cpu).
+
+The same layer-at-a-time forward checks the result on a probe batch: NF4 base + adapter (peft's LoRA layers,
+unmerged, over dequant(W_nf4), all in float32) against the merged layers as they are written. With
+`merge.into=nf4` the check is exact (limits `merge.min_argmax_agreement`, `merge.max_mean_abs_logit_diff`) and
+the stage fails on a miss; with `original` no exact reference exists, so the distance is recorded, not judged.
+The manifest records which check ran (`check.mode`) and its numbers, and how far the written `merge.dtype`
+checkpoint, read back from its shards, is from the reference (`probe_<dtype>`).
 """
 from __future__ import annotations
 
-import copy
+import json
 import logging
 from pathlib import Path
+from typing import Callable
 
 import torch
+from tqdm.auto import tqdm
 
-from ..config import Config
+from ..config import Config, shard_bytes
 from ..data import read_jsonl, row_text
-from ..models import (device, load_causal_lm, load_tokenizer, nf4_in_float32, nf4_layers, repacked_for_cpu,
-                      torch_dtype)
+from ..models import artifact_paths, device, load_tokenizer, local_dir, torch_dtype
 
 log = logging.getLogger(__name__)
+
+SINGLE_FILE, INDEX, ADAPTER_FILE = "model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors"
 
 
 class MergeMismatch(RuntimeError):
     pass
+
+
+# safetensors' dtype names
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+          "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+
+
+class Checkpoint:
+    """A safetensors checkpoint (one file, or shards and an index), read one tensor at a time with plain reads at
+    the offsets its header gives. Not safe_open: it maps the whole file into memory, and a 70B model's NF4
+    checkpoint is one 35 GB file (address space a capped process lacks, and page cache that counts as resident)."""
+
+    def __init__(self, path: Path, single: str = SINGLE_FILE):
+        if (path / INDEX).is_file():
+            files = sorted({path / name for name in json.loads((path / INDEX).read_text())["weight_map"].values()})
+        elif (path / single).is_file():
+            files = [path / single]
+        else:
+            raise FileNotFoundError(f"{path}: no {single} or {INDEX} (the merge reads safetensors only)")
+        self.entries: dict[str, tuple[Path, int, dict]] = {}  # key -> (file, where its data starts, header entry)
+        for file in files:
+            with file.open("rb") as f:
+                size = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(size))
+            header.pop("__metadata__", None)
+            self.entries.update({key: (file, 8 + size, entry) for key, entry in header.items()})
+        # bitsandbytes saves a 4-bit weight `W` with its quantization state beside it: `W.absmax`, `W.quant_map`...
+        self.quantized = {key.split(".quant_state.")[0] for key in self.entries if ".quant_state.bitsandbytes__" in key}
+        self.weights = [key for key in self.entries if not any(key.startswith(q + ".") for q in self.quantized)]
+
+    def raw(self, key: str, on: torch.device) -> torch.Tensor:
+        file, start, entry = self.entries[key]
+        begin, end = entry["data_offsets"]
+        with file.open("rb") as f:
+            f.seek(start + begin)
+            data = bytearray(f.read(end - begin))
+        dtype = DTYPES[entry["dtype"]]
+        tensor = torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)
+        return tensor.reshape(entry["shape"]).to(on)
+
+    def float32(self, key: str, on: torch.device) -> torch.Tensor:
+        """A weight in float32: dequant(W) for a 4-bit one, from its saved quantization state."""
+        if key not in self.quantized:
+            return self.raw(key, on).float()
+        import bitsandbytes.functional as bnbf
+
+        state = bnbf.QuantState.from_dict(
+            {k[len(key) + 1:]: self.raw(k, on) for k in self.entries if k.startswith(key + ".")}, on)
+        state.dtype = torch.float32  # the saved state says bf16, which would round dequant(W)
+        return bnbf.dequantize_4bit(self.raw(key, on), state)
+
+
+class ShardWriter:
+    """Writes tensors to safetensors shards of at most `max_bytes` (a larger tensor gets a shard of its own) as
+    they fill, and names them as save_pretrained does: `model.safetensors`, or `model-0000i-of-0000n.safetensors`
+    and an index. Only the shard being filled is held in memory."""
+
+    def __init__(self, out: Path, max_bytes: int):
+        self.out, self.max_bytes = out, max_bytes
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = self.total_bytes = 0
+        self.shards: list[list[str]] = []  # the keys of each shard written
+
+    def add(self, key: str, tensor: torch.Tensor) -> None:
+        size = tensor.numel() * tensor.element_size()
+        if self.pending and self.pending_bytes + size > self.max_bytes:
+            self.flush()
+        self.pending[key] = tensor.contiguous()
+        self.pending_bytes += size
+        self.total_bytes += size
+
+    def flush(self) -> None:
+        from safetensors.torch import save_file
+
+        save_file(self.pending, self.out / f".shard-{len(self.shards) + 1}", metadata={"format": "pt"})
+        self.shards.append(list(self.pending))
+        self.pending, self.pending_bytes = {}, 0
+
+    def close(self) -> int:
+        """Write what is left and give the shards their names; returns how many there are."""
+        if self.pending or not self.shards:
+            self.flush()
+        n = len(self.shards)
+        names = [SINGLE_FILE] if n == 1 else [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+        for i, name in enumerate(names, 1):
+            (self.out / f".shard-{i}").rename(self.out / name)
+        if n > 1:
+            weight_map = {key: name for name, keys in zip(names, self.shards) for key in keys}
+            (self.out / INDEX).write_text(json.dumps({"metadata": {"total_size": self.total_bytes},
+                                                      "weight_map": weight_map}, indent=2))
+        return n
+
+
+def checkpoint_key(param: str) -> str:
+    """The checkpoint's name of a parameter of a model with LoRA layers injected."""
+    return param.replace(".base_layer.", ".")
+
+
+def adapter_key(param: str) -> str:
+    """The adapter file's name of a LoRA parameter: `x.lora_A.default.weight` -> `base_model.model.x.lora_A.weight`."""
+    return "base_model.model." + param.replace(".default.", ".")
+
+
+class Streamed:
+    """The model with its decoder layers on the meta device, each filled from the checkpoints just before its
+    forward pass and emptied after it: a forward pass over any depth holds one layer at a time, besides the rest
+    (embeddings, final norm, head). With `adapter_dir`, peft's LoRA layers are injected, unmerged."""
+
+    def __init__(self, config_dir: Path, dtype: torch.dtype, adapter_dir: Path | None, trust_remote_code: bool):
+        from accelerate import init_empty_weights
+        from accelerate.utils import set_module_tensor_to_device
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        config = AutoConfig.from_pretrained(str(config_dir), trust_remote_code=trust_remote_code)
+        config.__dict__.pop("quantization_config", None)
+        with init_empty_weights(include_buffers=False):  # buffers (rotary frequencies) are computed, not loaded
+            self.model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+        for name, _ in list(self.model.named_buffers()):
+            set_module_tensor_to_device(self.model, name, device())
+        if adapter_dir is not None:
+            from peft import LoraConfig, inject_adapter_in_model
+
+            inject_adapter_in_model(LoraConfig.from_pretrained(str(adapter_dir)), self.model, low_cpu_mem_usage=True)
+        self.model.eval()  # no LoRA dropout
+        blocks = set(self.model._no_split_modules or ())
+        layers = [name for name, m in self.model.named_modules() if type(m).__name__ in blocks]
+        if not layers:
+            raise RuntimeError(f"{config.model_type}: no decoder layers found ({', '.join(blocks) or 'none named'})")
+
+        def part(name: str) -> str:
+            return next((layer for layer in layers if name.startswith(layer + ".")), "")
+        # Each part's parameters and LoRA layers, by full name: part "" is everything outside the decoder layers.
+        self.parts: dict[str, list[str]] = {"": [], **{layer: [] for layer in layers}}
+        self.lora: dict[str, list] = {p: [] for p in self.parts}
+        for name, _ in self.model.named_parameters():
+            self.parts[part(name)].append(name)
+        if adapter_dir is not None:
+            from peft.tuners.lora import LoraLayer
+
+            for name, module in self.model.named_modules():
+                if isinstance(module, LoraLayer):
+                    self.lora[part(name)].append(module)
+
+    def set(self, tensors: dict[str, torch.Tensor]) -> None:
+        from accelerate.utils import set_module_tensor_to_device
+
+        for name, tensor in tensors.items():
+            set_module_tensor_to_device(self.model, name, tensor.device, value=tensor)
+
+    @torch.no_grad()
+    def logits(self, batch: dict, fill: Callable[[list[str]], dict], after: Callable[[str], None] | None = None,
+               what: str = "forward") -> torch.Tensor:
+        """The probe logits, each part filled by `fill(its parameter names)`; `after(part)` runs once a part is
+        filled, before it computes (the merge)."""
+        self.set(fill(self.parts[""]))
+        self.model.tie_weights()
+        missing = [name for name in self.parts[""] if self.model.get_parameter(name).is_meta]
+        if missing:
+            raise RuntimeError(f"the checkpoint lacks {', '.join(missing[:5])}")
+        if after:
+            after("")
+        bar = tqdm(total=len(self.parts) - 1, desc=f"merge: {what}", unit="layer")
+        names = {self.model.get_submodule(part): part for part in self.parts if part}
+
+        def pre(layer, _):
+            self.set(fill(self.parts[names[layer]]))
+            if after:
+                after(names[layer])
+
+        def post(layer, _, __):
+            self.set({name: self.model.get_parameter(name).to("meta") for name in self.parts[names[layer]]})
+            bar.update()
+        handles = [h for layer in names for h in (layer.register_forward_pre_hook(pre),
+                                                  layer.register_forward_hook(post))]
+        try:
+            return probe_logits(self.model, batch)
+        finally:
+            for handle in handles:
+                handle.remove()
+            bar.close()
+
+
+def filler(weights: Checkpoint, adapter: Checkpoint | None, dtype: torch.dtype):
+    """`fill` for Streamed.logits: base weights from `weights` (dequantized if 4-bit) in `dtype`, LoRA weights from
+    `adapter`; parameters the checkpoint does not hold (a tied head) are left to tie_weights."""
+    on = device()
+
+    def fill(names: list[str]) -> dict[str, torch.Tensor]:
+        tensors = {}
+        for name in names:
+            if ".lora_" in name:
+                tensors[name] = adapter.raw(adapter_key(name), on).float()
+            elif checkpoint_key(name) in weights.entries:
+                tensors[name] = weights.float32(checkpoint_key(name), on).to(dtype)
+        return tensors
+    return fill
 
 
 def probe_batch(tokenizer, train_dir: Path, n: int) -> dict:
@@ -52,56 +257,16 @@ def compare(reference: torch.Tensor, candidate: torch.Tensor) -> dict:
             "probe_tokens": reference.shape[0]}
 
 
-def merged_in_float32(cfg: Config, base_dir: Path, adapter_dir: Path):
-    """dequant(W_nf4) + BA in float32, from a freshly loaded NF4 checkpoint (no forward pass has run on it)."""
-    from peft import PeftModel
-
-    nf4 = nf4_in_float32(load_causal_lm(base_dir, cfg.model, "float32"))
-    assert not any(repacked_for_cpu(layer) for layer in nf4_layers(nf4))
-    dequantized = nf4.dequantize(dtype=torch.float32)
-    # transformers keeps the load-time bnb weight conversions after dequantize(); saving would try to reverse them.
-    dequantized._weight_conversions = None
-    return PeftModel.from_pretrained(dequantized, adapter_dir).merge_and_unload()
-
-
-def qlora_reference(cfg: Config, base_dir: Path, adapter_dir: Path, cpu_packing: bool = False):
-    """NF4 base + adapter computing in float32: the function the merged weights must reproduce. `cpu_packing`
-    lets bitsandbytes use its bf16 CPU kernel where the CPU has AVX512-BF16 (the check is then not exact)."""
-    from peft import PeftModel
-
-    return PeftModel.from_pretrained(nf4_in_float32(load_causal_lm(base_dir, cfg.model, "float32"), cpu_packing),
-                                     adapter_dir)
-
-
-def compute_dtype(model) -> torch.dtype:
-    """The dtype the 4-bit layers of `model` computed in, read after a forward pass."""
-    if any(repacked_for_cpu(layer) for layer in nf4_layers(model)):
-        return torch.bfloat16  # bitsandbytes' packed CPU kernel computes in bf16 only
-    return next(iter({layer.compute_dtype for layer in nf4_layers(model)} - {torch.float32}), torch.float32)
-
-
-def check_limits(cfg: Config, reference_dtype: torch.dtype, merged, merged_logits: torch.Tensor,
-                 batch: dict) -> dict:
-    """What the merged model must meet: exact agreement for a float32 reference, else the reference dtype's noise."""
-    if reference_dtype == torch.float32:
-        return {"mode": "exact (the reference computes in float32)",
-                "min_argmax_agreement": cfg.merge.min_argmax_agreement,
-                "max_mean_abs_logit_diff": cfg.merge.max_mean_abs_logit_diff}
-    noise = compare(merged_logits, probe_logits(copy.deepcopy(merged).to(reference_dtype), batch))
-    return {"mode": f"tolerance (the reference computes in {str(reference_dtype).removeprefix('torch.')}: limits "
-                    "are twice that dtype's rounding noise on this model and batch)",
-            "rounding_noise": noise,
-            "min_argmax_agreement": 1 - 2 * (1 - noise["argmax_agreement"]),
-            "max_mean_abs_logit_diff": 2 * noise["mean_abs_logit_diff"]}
-
-
-def check(cfg: Config, reference_logits: torch.Tensor, reference_dtype: torch.dtype, merged, batch: dict) -> dict:
-    """Compare the merged model with the reference (NF4 base + adapter, its logits on `batch`); raise
-    MergeMismatch if it misses the limits."""
-    merged_logits = probe_logits(merged, batch)
-    result = {**compare(reference_logits, merged_logits),
-              "reference_compute_dtype": str(reference_dtype).removeprefix("torch."),
-              **check_limits(cfg, reference_dtype, merged, merged_logits, batch)}
+def check(cfg: Config, reference_logits: torch.Tensor, merged_logits: torch.Tensor, exact: bool) -> dict:
+    """Compare the merged model with NF4 base + adapter; with `exact`, raise MergeMismatch if it misses the limits."""
+    result = compare(reference_logits, merged_logits)
+    if not exact:
+        log.info("merged into the original weights vs NF4 base + adapter (no exact reference): argmax agreement "
+                 "%.4f, mean |dlogit| %.2e", result["argmax_agreement"], result["mean_abs_logit_diff"])
+        return {**result, "mode": "distance (merged into the original 16-bit weights: the adapter was trained on "
+                                  "NF4, so nothing reproduces it exactly)"}
+    result.update(mode="exact (float32, layer by layer)", min_argmax_agreement=cfg.merge.min_argmax_agreement,
+                  max_mean_abs_logit_diff=cfg.merge.max_mean_abs_logit_diff)
     log.info("merged vs NF4 + adapter, %s: argmax agreement %.4f (>= %.4f), mean |dlogit| %.2e (<= %.2e)",
              result["mode"], result["argmax_agreement"], result["min_argmax_agreement"],
              result["mean_abs_logit_diff"], result["max_mean_abs_logit_diff"])
@@ -111,21 +276,58 @@ def check(cfg: Config, reference_logits: torch.Tensor, reference_dtype: torch.dt
     return result
 
 
+def merge_into(cfg: Config, work: Path, nf4_dir: Path, into_dir: Path, adapter_dir: Path,
+               batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge the adapter into the weights of `into_dir`, layer by layer, writing `merge.dtype` shards to `work` as
+    it goes. Returns the probe logits of NF4 base + adapter and of the merged model, both in float32."""
+    nf4, into, adapter = Checkpoint(nf4_dir), Checkpoint(into_dir), Checkpoint(adapter_dir, ADAPTER_FILE)
+    if set(into.weights) != set(nf4.weights):
+        raise RuntimeError(f"{into_dir} and {nf4_dir} hold different weights: "
+                           f"{sorted(set(into.weights) ^ set(nf4.weights))[:5]}")
+    streamed = Streamed(nf4_dir, torch.float32, adapter_dir, cfg.model.trust_remote_code)
+    reference = streamed.logits(batch, filler(nf4, adapter, torch.float32), what="NF4 + adapter")
+
+    writer, dtype = ShardWriter(work, shard_bytes(cfg.merge.max_shard_size)), torch_dtype(cfg.merge.dtype)
+
+    def merge(part: str) -> None:  # peft's own merge (W += scale * BA, in float32), then the result is written
+        for layer in streamed.lora[part]:
+            layer.merge()
+        for name in streamed.parts[part]:
+            if ".lora_" not in name and checkpoint_key(name) in into.entries:
+                writer.add(checkpoint_key(name), streamed.model.get_parameter(name).detach().to(dtype).cpu())
+    merged = streamed.logits(batch, filler(into, adapter, torch.float32), after=merge, what="merge")
+    log.info("merge: %d shard(s) of at most %s written", writer.close(), cfg.merge.max_shard_size)
+    return reference, merged
+
+
+def save_config(source: Path, work: Path, dtype: str) -> None:
+    """The merged checkpoint's config (the source's, without the 4-bit quantization) and generation config."""
+    from transformers import AutoConfig, GenerationConfig
+
+    config = AutoConfig.from_pretrained(str(source))
+    config.__dict__.pop("quantization_config", None)
+    config.dtype = dtype
+    config.save_pretrained(work)
+    if (source / "generation_config.json").is_file():
+        GenerationConfig.from_pretrained(str(source)).save_pretrained(work)
+
+
 def run(cfg: Config, work: Path, inputs: dict[str, Path]) -> dict:
-    base_dir, adapter_dir = inputs["base"] / "nf4", inputs["train"] / "adapter"
-    tokenizer = load_tokenizer(base_dir)
+    paths = artifact_paths(inputs)
+    nf4_dir, adapter_dir = paths["nf4"], paths["qlora"]
+    into_dir = nf4_dir if cfg.merge.into == "nf4" else local_dir(paths["base16"], cfg.model)
+    tokenizer = load_tokenizer(nf4_dir)
     batch = probe_batch(tokenizer, inputs["train"], cfg.merge.probe_examples)
 
-    merged = merged_in_float32(cfg, base_dir, adapter_dir)
-    reference = qlora_reference(cfg, base_dir, adapter_dir)
-    reference_logits = probe_logits(reference, batch)
-    result = check(cfg, reference_logits, compute_dtype(reference), merged, batch)
-    del reference
-
-    merged = merged.to(torch_dtype(cfg.merge.dtype))
-    stored = compare(reference_logits, probe_logits(merged, batch))
-    log.info("stored in %s: argmax agreement %.4f, mean |dlogit| %.3f (rounding to 16 bits)", cfg.merge.dtype,
-             stored["argmax_agreement"], stored["mean_abs_logit_diff"])
-    merged.save_pretrained(work)
+    reference, merged = merge_into(cfg, work, nf4_dir, into_dir, adapter_dir, batch)
+    result = check(cfg, reference, merged, exact=cfg.merge.into == "nf4")
+    save_config(nf4_dir, work, cfg.merge.dtype)
     tokenizer.save_pretrained(work)
-    return {"check": result, f"probe_{cfg.merge.dtype}": stored, "dtype": cfg.merge.dtype}
+
+    dtype = torch_dtype(cfg.merge.dtype)
+    written = Streamed(work, dtype, None, cfg.model.trust_remote_code).logits(
+        batch, filler(Checkpoint(work), None, dtype), what=f"read back in {cfg.merge.dtype}")
+    stored = compare(reference, written)
+    log.info("stored in %s: argmax agreement %.4f, mean |dlogit| %.3f vs NF4 + adapter", cfg.merge.dtype,
+             stored["argmax_agreement"], stored["mean_abs_logit_diff"])
+    return {"into": cfg.merge.into, "check": result, f"probe_{cfg.merge.dtype}": stored, "dtype": cfg.merge.dtype}

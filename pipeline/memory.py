@@ -1,0 +1,42 @@
+"""Peak memory of a stage, measured: the process's resident set (host) and, on a GPU, the device's allocations."""
+from __future__ import annotations
+
+import contextlib
+import resource
+from pathlib import Path
+
+import torch
+
+
+def _reset() -> bool:
+    """Reset the kernel's high-water mark of this process's resident set (Linux: clear_refs 5)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _host_peak(since_reset: bool) -> int:
+    if since_reset:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB since the process started
+
+
+@contextlib.contextmanager
+def peak():
+    """Fills the yielded dict with the peaks while the block ran: `host_rss_bytes` (what was already resident
+    counts too, as in /usr/bin/time) and, on a GPU, `device_bytes` (torch's allocations on this process's GPU).
+    Memory of child processes (the vLLM server) is not counted."""
+    since_reset = _reset()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    measured: dict[str, int] = {}
+    try:
+        yield measured
+    finally:
+        measured["host_rss_bytes"] = _host_peak(since_reset)
+        if torch.cuda.is_available():
+            measured["device_bytes"] = torch.cuda.max_memory_allocated()

@@ -1,0 +1,76 @@
+"""Memory at the sizes QLoRA is for, measured on this machine: the merge runs under an address-space cap smaller
+than the model's float32 copy (what the in-memory merge held), and scripts/bench_memory.py measures every stage's
+peak as the model grows."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from pipeline.artifacts import read_manifest
+
+
+# The capped merge: a Llama of TinyLlama's width, deep enough that its float32 copy (what the in-memory merge
+# held) is larger than the address space the merge may use (the imports alone take some 2.4 GB of it). glibc is
+# told to keep no address space it does not use: one arena (per-thread arenas reserve 64 MB each) and a fixed
+# mmap threshold (by default it rises to 32 MB after the first large free, so that freed layers stay in the heap).
+CAP_BYTES = 3_500_000_000
+BIG = {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 24, "num_attention_heads": 32,
+       "num_key_value_heads": 4}
+QUICK = ["train.max_steps=1", "train.batch_size=1", "train.save_steps=1", "train.logging_steps=1",
+         "data.builtin_examples=40", "data.heldout_examples=4", "data.max_seq_len=48", "merge.probe_examples=2",
+         "merge.max_shard_size=200MB"]
+
+
+def test_merge_runs_in_less_memory_than_the_model_takes_in_float32(tiny_model_dir, tmp_path):
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    config.update(BIG)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    float32_bytes = 4 * sum(p.numel() for p in model.parameters())
+    assert float32_bytes > CAP_BYTES
+    model.save_pretrained(tmp_path / "model")
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(tmp_path / "model")
+    del model
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_THRESHOLD_": "1000000"}
+    args = [sys.executable, "-m", "pipeline", f"model.name_or_path={tmp_path / 'model'}",
+            f"output_dir={tmp_path / 'out'}", *QUICK]
+    trained = subprocess.run([*args, "stage=train"], capture_output=True, text=True, timeout=900, env=env)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    merged = subprocess.run(["prlimit", f"--as={CAP_BYTES}", *args, "stage=merge"], capture_output=True, text=True,
+                            timeout=900, env=env)
+    assert merged.returncode == 0, merged.stderr[-3000:]
+
+    manifest = read_manifest(tmp_path / "out" / "default" / "merge")
+    assert manifest["peak_memory"]["host_rss_bytes"] < CAP_BYTES < float32_bytes
+    assert manifest["peak_memory"]["host_rss_bytes"] < 0.5 * float32_bytes, manifest["peak_memory"]
+    assert manifest["metrics"]["check"]["argmax_agreement"] == 1.0, manifest["metrics"]
+    with safe_open(tmp_path / "model" / "model.safetensors", "pt") as source:
+        weights = set(source.keys())
+    index = json.loads((tmp_path / "out" / "default" / "merge" / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == weights and len(set(index["weight_map"].values())) > 5
+
+
+def test_bench_memory_writes_peaks_per_stage_and_size(tmp_path):
+    script = Path(__file__).resolve().parents[1] / "scripts" / "bench_memory.py"
+    done = subprocess.run([sys.executable, str(script), "--width", "64", "--intermediate", "128", "--heads", "4",
+                           "--kv-heads", "2", "--depths", "1", "3", "--stages", "base", "merge", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=900, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    result = json.loads((tmp_path / "bench_memory.json").read_text())
+    assert [m["depth"] for m in result["models"]] == [1, 3] and result["stages"] == ["base", "merge"]
+    small, large = result["models"]
+    assert large["params"] > small["params"] > 0
+    for model in result["models"]:
+        for stage in ("base", "merge"):
+            measured = model["stages"][stage]
+            assert 2**28 < measured["peak_rss_bytes"] < 2**33 and measured["seconds"] > 0, (stage, measured)
+    assert set(result["bytes_per_extra_param"]) == {"base", "merge"}
+    assert (tmp_path / "bench_memory.png").stat().st_size > 5000
