@@ -100,7 +100,8 @@ def test_damaged_artifact_is_rebuilt_not_loaded(copy_of, damage):
 
 # Every numeric key stage=all reads at its smallest legal value (pipeline/config.py validate refuses smaller ones),
 # except train.logging_steps: kept above train.max_steps, a run shorter than the logging interval (issue #30).
-# data.max_seq_len is left out: its smallest workable value depends on the data (too short: refused in one line).
+# data.max_seq_len is left out, and serve.max_model_len is only validated: their smallest workable values depend on
+# the data (too short: refused in one line by the train and serve stages).
 SMALLEST = [
     "data.builtin_examples=2", "data.heldout_examples=1",  # one row to train on, one held out
     "train.max_steps=1", "train.logging_steps=2", "train.save_steps=1", "train.eval_steps=1", "train.batch_size=1",
