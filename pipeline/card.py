@@ -23,6 +23,12 @@ log = logging.getLogger(__name__)
 UPLOAD_IGNORE = ["manifest.json", "logs/*", "quant_log.csv", "offload/*"]
 
 
+def loss(metrics: dict, key: str) -> str:
+    """A loss of the train manifest, or "-": train manifests written before every run logged its last step have none
+    when the run was shorter than train.logging_steps (they stay cached)."""
+    return "-" if metrics.get(key) is None else f"{metrics[key]:.4f}"
+
+
 def render(cfg: Config, exp: Path) -> str:
     gptq, train, merge = (read_manifest(exp / stage) or {} for stage in ("gptq", "train", "merge"))
     g, t = gptq["config"]["gptq"], train["config"]["train"]
@@ -75,7 +81,7 @@ def render(cfg: Config, exp: Path) -> str:
         "|---|---|---|---|---|---|---|",
         f"| {steps.get('steps')} | {t['lr']} | {t['batch_size']} x {t['grad_accum']} | "
         f"{t['lora_r']} / {t['lora_alpha']} | {t['target_modules']} | {steps.get('train_rows')} | "
-        f"{steps.get('first_loss', 0):.4f} -> {steps.get('final_loss', 0):.4f} |", "",
+        f"{loss(steps, 'first_loss')} -> {loss(steps, 'final_loss')} |", "",
         (f"Merge check against NF4 base + adapter, {check['mode']}: argmax agreement "
          f"{check['argmax_agreement']:.4f}, mean |dlogit| {check['mean_abs_logit_diff']:.2e}." if check else ""), "",
         "## Evaluation", "", table, "", *report.notes(bench), "", *report.serving(served, {}), "",

@@ -181,6 +181,8 @@ def shard_bytes(size: Any) -> int | None:
 GPTQ_METHODS = ("gptq", "gptaq", "foem")
 DYNAMIC_KEYS = ("bits", "group_size", "sym", "desc_act")  # what vLLM reads of a rule too
 ARTIFACTS = ("base16", "nf4", "qlora", "merged", "gptq", "rtn")
+MIN_GROUP_SIZE = 16  # the smallest group size GPTQModel's kernels take (its portable torch kernel: 16 to 1024)
+MIN_CALIB_SEQ_LEN = 11  # GPTQModel drops calibration windows of 10 tokens or fewer (calibration_data_min_length)
 
 
 @dataclass
@@ -347,7 +349,7 @@ def validate_data(data: DataConfig) -> None:
 
 
 def group_size_allowed(size: Any) -> bool:
-    return size is None or size == -1 or (isinstance(size, int) and size > 0 and size & (size - 1) == 0)
+    return size is None or size == -1 or (isinstance(size, int) and size >= MIN_GROUP_SIZE and size & (size - 1) == 0)
 
 
 def validate_dynamic_rule(pattern: str, rule: Any) -> None:
@@ -362,8 +364,8 @@ def validate_dynamic_rule(pattern: str, rule: Any) -> None:
     _check(isinstance(rule, Mapping) and len(rule) > 0 and set(rule) <= set(DYNAMIC_KEYS), key,
            f"a mapping of some of {', '.join(DYNAMIC_KEYS)}", rule)
     _check(rule.get("bits", 4) in (2, 3, 4, 8), key + ".bits", "one of 2, 3, 4, 8", rule.get("bits"))
-    _check(group_size_allowed(rule.get("group_size")), key + ".group_size", "-1 or a positive power of two",
-           rule.get("group_size"))
+    _check(group_size_allowed(rule.get("group_size")), key + ".group_size",
+           f"-1 or a power of two from {MIN_GROUP_SIZE}", rule.get("group_size"))
     for flag in ("sym", "desc_act"):
         _check(isinstance(rule.get(flag, False), bool), f"{key}.{flag}", "true or false", rule.get(flag))
 
@@ -394,6 +396,10 @@ def validate(cfg: Any) -> None:
     _check(t.batch_size % world_size() == 0, "train.batch_size",
            f"a multiple of the {world_size()} training processes (it is the global batch)", t.batch_size)
     _check(t.save_steps > 0, "train.save_steps", "a positive integer", t.save_steps)
+    _check(t.logging_steps > 0, "train.logging_steps", "a positive integer", t.logging_steps)
+    _check(t.warmup_steps >= 0, "train.warmup_steps", "0 or more", t.warmup_steps)
+    _check(t.weight_decay >= 0, "train.weight_decay", "0 or more", t.weight_decay)
+    _check(0 <= t.lora_dropout < 1, "train.lora_dropout", "a number in [0, 1)", t.lora_dropout)
     _check(t.eval_steps is None or t.eval_steps > 0, "train.eval_steps", "null (off) or a positive integer",
            t.eval_steps)
     if t.eval_steps:
@@ -409,13 +415,16 @@ def validate(cfg: Any) -> None:
     m = cfg.merge
     _check(0 <= m.min_argmax_agreement <= 1, "merge.min_argmax_agreement", "a number in [0, 1]", m.min_argmax_agreement)
     _check(m.probe_examples > 0, "merge.probe_examples", "a positive integer", m.probe_examples)
+    _check(m.max_mean_abs_logit_diff > 0, "merge.max_mean_abs_logit_diff",
+           "a positive number (a merge in float32 arithmetic is not bit-exact)", m.max_mean_abs_logit_diff)
     _check(m.into in MERGE_TARGETS, "merge.into", " or ".join(MERGE_TARGETS), m.into)
     _check(shard_bytes(m.max_shard_size) is not None, "merge.max_shard_size", "a size such as 2GB or 500MB",
            m.max_shard_size)
     g = cfg.gptq
     _check(g.bits in (2, 3, 4, 8), "gptq.bits", "one of 2, 3, 4, 8", g.bits)
     _check(group_size_allowed(g.group_size), "gptq.group_size",
-           "null (auto), -1 (per channel) or a positive power of two", g.group_size)
+           f"null (auto), -1 (per channel) or a power of two from {MIN_GROUP_SIZE} (GPTQModel's kernels take no "
+           "smaller)", g.group_size)
     _check(0 < g.damp_percent < 1, "gptq.damp_percent", "a number in (0, 1)", g.damp_percent)
     _check(g.method in GPTQ_METHODS, "gptq.method", " or ".join(GPTQ_METHODS), g.method)
     _check(not (g.act_group_aware and g.method != "gptq"), "gptq.act_group_aware",
@@ -429,7 +438,8 @@ def validate(cfg: Any) -> None:
            f"none with gptq.method={g.method} (QuantEase refines the plain GPTQ solution)", g.refine)
     _check(g.refine_sweeps > 0, "gptq.refine_sweeps", "a positive integer", g.refine_sweeps)
     _check(g.calib_samples > 0, "gptq.calib_samples", "a positive integer", g.calib_samples)
-    _check(g.calib_seq_len > 0, "gptq.calib_seq_len", "a positive integer", g.calib_seq_len)
+    _check(g.calib_seq_len >= MIN_CALIB_SEQ_LEN, "gptq.calib_seq_len",
+           f"{MIN_CALIB_SEQ_LEN} or more (GPTQModel drops calibration windows of fewer tokens)", g.calib_seq_len)
     _check(g.batch_size > 0, "gptq.batch_size", "a positive integer", g.batch_size)
     _check(g.calib_source in ("pydoc", "train", "mixed"), "gptq.calib_source", "pydoc, train or mixed", g.calib_source)
     _check(g.dynamic is None or isinstance(g.dynamic, Mapping), "gptq.dynamic",
@@ -441,6 +451,8 @@ def validate(cfg: Any) -> None:
         _check(set(names) <= set(allowed), key, f"a list of {', '.join(allowed)}", list(names))
     _check(cfg.eval.ppl_windows > 0 and cfg.eval.ppl_seq_len > 1, "eval.ppl_windows/ppl_seq_len",
            "positive integers", (cfg.eval.ppl_windows, cfg.eval.ppl_seq_len))
+    for key in ("task_examples", "max_new_tokens", "batch_size"):
+        _check(getattr(cfg.eval, key) > 0, f"eval.{key}", "a positive integer", getattr(cfg.eval, key))
     lm = cfg.eval.lm_eval
     _check(lm.batch_size > 0, "eval.lm_eval.batch_size", "a positive integer", lm.batch_size)
     _check(lm.limit is None or lm.limit > 0, "eval.lm_eval.limit", "null (all) or a positive integer", lm.limit)
@@ -450,16 +462,32 @@ def validate(cfg: Any) -> None:
            list(lm.tasks))
     _check(cfg.bench.matrix in ("auto", "full", "cpu"), "bench.matrix", "auto, full or cpu", cfg.bench.matrix)
     _check(cfg.bench.repeats > 0, "bench.repeats", "a positive integer", cfg.bench.repeats)
+    _check(cfg.bench.warmup >= 0, "bench.warmup", "0 or more", cfg.bench.warmup)
+    _check(cfg.bench.prompt_len > 0, "bench.prompt_len", "a positive integer", cfg.bench.prompt_len)
+    for name in ("full", "cpu"):
+        matrix = getattr(cfg.bench, name)
+        # Decode speed is timed over the tokens after the first: one new token leaves nothing to time.
+        _check(len(matrix.new_tokens) > 0 and all(isinstance(n, int) and n >= 2 for n in matrix.new_tokens),
+               f"bench.{name}.new_tokens", "a non-empty list of integers from 2", list(matrix.new_tokens))
+        _check(len(matrix.batch_sizes) > 0 and all(isinstance(b, int) and b > 0 for b in matrix.batch_sizes),
+               f"bench.{name}.batch_sizes", "a non-empty list of positive integers", list(matrix.batch_sizes))
+        _check(len(matrix.use_cache) > 0 and all(isinstance(c, bool) for c in matrix.use_cache),
+               f"bench.{name}.use_cache", "a non-empty list of true/false", list(matrix.use_cache))
     _check(cfg.bench.compile in ("auto", "all", "none"), "bench.compile", "auto, all or none", cfg.bench.compile)
     sv = cfg.serve
     _check(len(sv.concurrency) > 0 and all(isinstance(c, int) and c > 0 for c in sv.concurrency), "serve.concurrency",
            "a non-empty list of positive integers", list(sv.concurrency))
     for key in ("max_model_len", "task_examples", "max_new_tokens", "requests", "load_max_tokens", "cpu_kv_cache_gb"):
         _check(getattr(sv, key) > 0, f"serve.{key}", "a positive integer", getattr(sv, key))
+    _check(sv.max_model_len > max(sv.max_new_tokens, sv.load_max_tokens), "serve.max_model_len",
+           "more than serve.max_new_tokens and serve.load_max_tokens (a prompt and its answer must fit)",
+           sv.max_model_len)
     _check(cfg.push.repo_id is None or bool(re.fullmatch(r"[\w.-]+/[\w.-]+", cfg.push.repo_id)), "push.repo_id",
            "null or 'owner/name'", cfg.push.repo_id)
     for stage, res in cfg.resources.items():
         _check(res.gpus >= 0, f"resources.{stage}.gpus", "0 (a CPU-only job) or more", res.gpus)
         for key in ("cpus_per_gpu", "mem_gb", "timeout_min"):
             _check(getattr(res, key) > 0, f"resources.{stage}.{key}", "a positive integer", getattr(res, key))
+    _check(cfg.lock.timeout_s is None or cfg.lock.timeout_s >= 0, "lock.timeout_s", "null (no limit) or 0 or more",
+           cfg.lock.timeout_s)
     _check(sv.startup_timeout_s > 0, "serve.startup_timeout_s", "a positive number of seconds", sv.startup_timeout_s)

@@ -72,7 +72,9 @@ def _compiled(row: dict) -> str:
     """Compiled decode tok/s, its speed-up over the same artifact's eager decode, and the compile time."""
     if not row.get("compiled"):
         return "-"
-    return f"{row['compiled']:.1f} ({row['compiled'] / row['decode']:.2f}x eager, {row['compile_s']:.0f} s compile)"
+    # No eager figure to compare with when the bench matrix has no batch-1 run with the KV cache on.
+    eager = f"{row['compiled'] / row['decode']:.2f}x eager, " if row["decode"] else ""
+    return f"{row['compiled']:.1f} ({eager}{row['compile_s']:.0f} s compile)"
 
 
 def markdown(table: list[dict]) -> str:

@@ -32,8 +32,18 @@ CASES = [
     ("stage=deploy", "stage='deploy' is not allowed: one of all, base, train"),
     ("gptq.bits=5", "gptq.bits=5 is not allowed: one of 2, 3, 4, 8"),
     ("gptq.bits=1", "gptq.bits=1 is not allowed"),
-    ("gptq.group_size=100", "gptq.group_size=100 is not allowed: null (auto), -1 (per channel) or a positive power"),
+    ("gptq.group_size=100", "gptq.group_size=100 is not allowed: null (auto), -1 (per channel) or a power of two"),
     ("gptq.group_size=0", "gptq.group_size=0 is not allowed"),
+    # Smallest values that make no sense (every smallest legal value runs: tests/test_pipeline.py).
+    ("gptq.group_size=8", "gptq.group_size=8 is not allowed: null (auto), -1 (per channel) or a power of two from 16 "
+                          "(GPTQModel's kernels take no smaller)"),
+    ("gptq.calib_seq_len=10", "gptq.calib_seq_len=10 is not allowed: 11 or more (GPTQModel drops calibration windows"),
+    ("bench.cpu.new_tokens=[1]", "bench.cpu.new_tokens=[1] is not allowed: a non-empty list of integers from 2"),
+    ("merge.max_mean_abs_logit_diff=0", "merge.max_mean_abs_logit_diff=0.0 is not allowed: a positive number"),
+    ("serve.max_model_len=32", "serve.max_model_len=32 is not allowed: more than serve.max_new_tokens and "
+                               "serve.load_max_tokens"),
+    ("serve.requests=0", "serve.requests=0 is not allowed: a positive integer"),
+    ("serve.concurrency=[0]", "serve.concurrency=[0] is not allowed: a non-empty list of positive integers"),
     ("gptq.damp_percent=1.5", "gptq.damp_percent=1.5 is not allowed: a number in (0, 1)"),
     ("gptq.calib_source=web", "gptq.calib_source='web' is not allowed: pydoc, train or mixed"),
     ("train.lora_r=0", "train.lora_r=0 is not allowed: a positive integer"),

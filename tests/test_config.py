@@ -37,6 +37,12 @@ def test_experiment_overrides_apply():
     ("stage=deploy", "stage"), ("gptq.bits=5", "gptq.bits"), ("gptq.group_size=100", "gptq.group_size"),
     ("train.lora_r=0", "train.lora_r"), ("train.lr=0", "train.lr"), ("train.max_steps=0", "train.max_steps"),
     ("model.dtype=int8", "model.dtype"), ("gptq.calib_source=web", "gptq.calib_source"),
+    ("train.logging_steps=0", "train.logging_steps"), ("train.warmup_steps=-1", "train.warmup_steps"),
+    ("train.lora_dropout=1", "train.lora_dropout"), ("train.weight_decay=-0.1", "train.weight_decay"),
+    ("eval.task_examples=0", "eval.task_examples"), ("eval.max_new_tokens=0", "eval.max_new_tokens"),
+    ("eval.batch_size=0", "eval.batch_size"), ("bench.prompt_len=0", "bench.prompt_len"),
+    ("bench.warmup=-1", "bench.warmup"), ("bench.full.batch_sizes=[]", "bench.full.batch_sizes"),
+    ("bench.cpu.use_cache=[]", "bench.cpu.use_cache"), ("lock.timeout_s=-1", "lock.timeout_s"),
 ])
 def test_bad_values_are_refused_with_the_key(override, key):
     with pytest.raises(ConfigError, match=key):

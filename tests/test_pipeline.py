@@ -1,14 +1,18 @@
-"""The whole chain on a tiny model, then the make-like caching: skip, invalidate downstream only, force, corrupt."""
+"""The whole chain on a tiny model, then the make-like caching: skip, invalidate downstream only, force, corrupt; and
+the whole chain with every key at its smallest value."""
 from __future__ import annotations
 
 import json
+import shutil
 from functools import partial
 
 import pytest
 
+from pipeline import card
 from pipeline.artifacts import read_manifest
+from pipeline.runner import run
 
-from .conftest import drop
+from .conftest import TINY, compose_config, drop
 
 STAGES = ("base", "train", "merge", "gptq", "eval", "bench")
 
@@ -92,3 +96,81 @@ def test_damaged_artifact_is_rebuilt_not_loaded(copy_of, damage):
     # merge is rebuilt; gptq's inputs have the same fingerprint, so it stays (like make with identical content)
     assert statuses(rerun())["merge"] == "ran"
     assert read_manifest(exp / "merge")["files"]["model.safetensors"] == weights.stat().st_size > 1000
+
+
+# Every numeric key stage=all reads at its smallest legal value (pipeline/config.py validate refuses smaller ones),
+# except train.logging_steps: kept above train.max_steps, a run shorter than the logging interval (issue #30).
+# data.max_seq_len is left out, and serve.max_model_len is only validated: their smallest workable values depend on
+# the data (too short: refused in one line by the train and serve stages).
+SMALLEST = [
+    "data.builtin_examples=2", "data.heldout_examples=1",  # one row to train on, one held out
+    "train.max_steps=1", "train.logging_steps=2", "train.save_steps=1", "train.eval_steps=1", "train.batch_size=1",
+    "train.grad_accum=1", "train.warmup_steps=0", "train.lora_r=1", "train.lora_alpha=1", "train.lora_dropout=0",
+    "train.weight_decay=0",
+    "merge.probe_examples=1", "merge.min_argmax_agreement=0",
+    "gptq.bits=2", "gptq.group_size=16", "gptq.mse=0", "gptq.calib_samples=1", "gptq.calib_seq_len=11",
+    "gptq.batch_size=1", "gptq.refine=quantease", "gptq.refine_sweeps=1",
+    "eval.ppl_windows=1", "eval.ppl_seq_len=2", "eval.task_examples=1", "eval.max_new_tokens=1", "eval.batch_size=1",
+    "eval.lm_eval.batch_size=1", "eval.lm_eval.limit=1", "eval.lm_eval.num_fewshot=0",
+    "bench.prompt_len=1", "bench.warmup=0", "bench.repeats=1", "bench.cpu.new_tokens=[2]", "bench.cpu.batch_sizes=[1]",
+    # validated only: serving stays off (TINY), vLLM takes minutes to start (tests/test_serve.py serves)
+    "serve.task_examples=1", "serve.max_new_tokens=1", "serve.load_max_tokens=1", "serve.max_model_len=2",
+    "serve.requests=1", "serve.concurrency=[1]", "serve.cpu_kv_cache_gb=1",
+    "lock.timeout_s=0",
+    "train.report_to=[tensorboard]",  # the loss reaches the trackers too
+]
+
+
+@pytest.fixture(scope="module")
+def smallest(tiny_model_dir, tmp_path_factory):
+    """stage=all with every key at its smallest value: (config, experiment folder, results)."""
+    out = tmp_path_factory.mktemp("smallest") / "outputs"
+    cfg = compose_config(f"output_dir={out}", f"model.name_or_path={tiny_model_dir}", *TINY, *SMALLEST)
+    return cfg, out / cfg.experiment, run(cfg)
+
+
+def test_every_key_at_its_smallest_value_runs_to_the_end(smallest):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, exp, results = smallest
+    assert statuses(results) == {**{stage: "ran" for stage in STAGES}, "serve": "not run"}
+    manifest = read_manifest(exp / "train")
+    train = manifest["metrics"]
+    # One step, fewer than train.logging_steps: its loss is recorded all the same.
+    assert train["steps"] == 1 and train["first_loss"] == train["final_loss"] > 0 and train["final_heldout_loss"] > 0
+    losses = json.loads((exp / "train" / "loss.json").read_text())
+    assert [(e["step"], e["loss"]) for e in losses if "loss" in e] == [(1, train["final_loss"])]
+    events = EventAccumulator(str(exp / "tracking" / "tensorboard" / f"train-{manifest['fingerprint']}")).Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [1]
+    evaluation = json.loads((exp / "eval" / "eval.json").read_text())
+    assert evaluation["ppl_windows"] == 1 and evaluation["task_examples"] == 1
+    bench = json.loads((exp / "bench" / "bench.json").read_text())
+    assert [(r["new_tokens"], r["batch"]) for r in bench["artifacts"]["gptq"]["runs"]] == [(2, 1)]
+    assert "| gptq |" in (exp / "report.md").read_text()
+    body = (exp / "gptq" / "README.md").read_text()
+    assert f"| {train['first_loss']:.4f} -> {train['final_loss']:.4f} |" in body and "| 2 | 16 | gptq |" in body
+
+
+def test_nothing_held_out_runs_to_the_end(tiny_model_dir, tmp_path):
+    """data.heldout_examples=0, its smallest value (then train.eval_steps must be null): the merge probes training
+    rows, and eval, the report and the card have no task accuracy to show."""
+    cfg = compose_config(f"output_dir={tmp_path}", f"model.name_or_path={tiny_model_dir}", *TINY, *SMALLEST,
+                         "data.heldout_examples=0", "data.builtin_examples=1", "train.eval_steps=null")
+    assert statuses(run(cfg)) == {**{stage: "ran" for stage in STAGES}, "serve": "not run"}
+    exp = tmp_path / cfg.experiment
+    train = read_manifest(exp / "train")["metrics"]
+    assert train["heldout_rows"] == 0 and train["final_loss"] > 0 and train["final_heldout_loss"] is None
+    evaluation = json.loads((exp / "eval" / "eval.json").read_text())
+    assert evaluation["task_examples"] == 0 and evaluation["artifacts"]["gptq"]["task_accuracy"] is None
+    assert "| gptq |" in (exp / "report.md").read_text() and (exp / "gptq" / "README.md").is_file()
+
+
+def test_card_of_a_cached_train_manifest_without_a_loss(smallest, tmp_path):
+    """Before every run logged its last step, a run shorter than train.logging_steps recorded no loss; such train
+    artifacts stay cached (that fix left their fingerprint as it was), and their card says so instead of failing."""
+    cfg, exp, _ = smallest
+    copy = shutil.copytree(exp, tmp_path / exp.name)  # symlinks followed: the store's artifacts stay as they are
+    manifest = json.loads((copy / "train" / "manifest.json").read_text())
+    manifest["metrics"].update(first_loss=None, final_loss=None)
+    (copy / "train" / "manifest.json").write_text(json.dumps(manifest))
+    assert "| - -> - |" in card.write(cfg, copy).read_text()

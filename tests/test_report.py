@@ -76,6 +76,19 @@ def test_report_has_the_table_and_plots(finished):
         assert (exp / png).stat().st_size > 5000 and f"]({png})" in report
 
 
+def test_report_shows_a_compiled_speed_without_an_eager_one():
+    """With bench.cpu.use_cache=[false] the compiled run (batch 1, KV cache on) has no eager run to compare with."""
+    from pipeline.report import markdown, rows
+
+    def measured(compiled: bool, tok_s: float) -> dict:
+        return {"batch": 1, "new_tokens": 8, "use_cache": compiled, "compiled": compiled,
+                "compile_s": 3.0 if compiled else None, "prefill_ms": {"median": 1.0},
+                "decode_tok_s": {"median": tok_s}, "peak_memory_bytes": 1}
+    runs = [measured(False, 10.0), measured(True, 20.0)]
+    bench = {"artifacts": {"merged": {"runs": runs, "roofline_fraction": None}}}
+    assert "| 20.0 (3 s compile) |" in markdown(rows({}, bench))
+
+
 def test_model_card_describes_the_gptq_checkpoint(finished):
     out, _, _ = finished
     card = (out / "default" / "gptq" / "README.md").read_text()

@@ -15,7 +15,9 @@ import pytest
 import torch
 
 from pipeline.artifacts import read_manifest
-from pipeline.stages.serve import missing
+from pipeline.config import ConfigError
+from pipeline.models import load_tokenizer
+from pipeline.stages.serve import check_fits, missing
 
 from .conftest import compose_config
 
@@ -86,6 +88,19 @@ def test_killed_pipeline_takes_the_server_down(vllm_here, finished, tmp_path):
         time.sleep(1)
     assert not servers(checkpoint), [p.info["cmdline"][:3] for p in servers(checkpoint)]
     assert read_manifest(mine / "default" / "serve") is None
+
+
+def test_a_serve_max_model_len_too_short_for_the_prompts_is_refused_before_serving(tiny_model_dir):
+    """The smallest serve.max_model_len that works depends on the prompts: shorter is refused in one line (vLLM
+    would refuse the requests, or cut the answers short), before the server starts."""
+    tokenizer = load_tokenizer(tiny_model_dir)
+    prompt = [{"role": "user", "content": "Say hello."}]
+    length = len(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, return_dict=True)["input_ids"])
+    answers = ["serve.max_new_tokens=1", "serve.load_max_tokens=4"]
+    check_fits(compose_config(*answers, f"serve.max_model_len={length + 4}").serve, tokenizer, [prompt])
+    with pytest.raises(ConfigError, match=f"serve.max_model_len={length + 3}: the longest prompt served has {length} "
+                                          f"tokens, {length + 4} with its answer"):
+        check_fits(compose_config(*answers, f"serve.max_model_len={length + 3}").serve, tokenizer, [prompt])
 
 
 def test_a_checkpoint_vllm_refuses_is_not_served_and_says_why():

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import Config
+from ..config import Config, ConfigError, ServeConfig
 from ..data import read_jsonl, task_chats
 from ..models import load_gptq, load_tokenizer
 from ..quality import answer_scores, generate_answers
@@ -203,13 +203,27 @@ def load(url: str, prompts: list[list[dict]], concurrency: int, requests: int, m
             "ttft_s": {"p50": statistics.median(ttfts), "p95": percentile(ttfts, 0.95)} if ttfts else None}
 
 
+def check_fits(s: ServeConfig, tokenizer, prompts: list[list[dict]]) -> None:
+    """Every request fits in serve.max_model_len: its prompt (as the server formats it, with the checkpoint's chat
+    template) and the tokens it asks for. vLLM refuses a prompt that does not fit and cuts short an answer that
+    does not."""
+    texts = [tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False) for prompt in prompts]
+    longest = max(len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"])
+    needed = longest + max(s.max_new_tokens, s.load_max_tokens)
+    if needed > s.max_model_len:
+        raise ConfigError(f"serve.max_model_len={s.max_model_len}: the longest prompt served has {longest} tokens, "
+                          f"{needed} with its answer (serve.max_new_tokens, serve.load_max_tokens)")
+
+
 def run(cfg: Config, work: Path, inputs: dict[str, Path]) -> dict:
     s, checkpoint = cfg.serve, inputs["gptq"]
     chats = task_chats(read_jsonl(inputs["train"] / "data" / "heldout.jsonl"))[:s.task_examples]
     prompts = [chat[:-1] for chat in chats] or [[{"role": "user", "content": "Say hello."}]]
     python = vllm_python(cfg)
+    tokenizer = load_tokenizer(checkpoint)
+    check_fits(s, tokenizer, prompts)  # before a server starts
 
-    expected = generate_answers(load_gptq(checkpoint), load_tokenizer(checkpoint), chats,
+    expected = generate_answers(load_gptq(checkpoint), tokenizer, chats,
                                 max_new_tokens=s.max_new_tokens) if chats else []
     with vllm_server(cfg, python, checkpoint, work / "server.log") as url:
         with ThreadPoolExecutor(max(s.concurrency)) as pool:

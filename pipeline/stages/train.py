@@ -103,7 +103,8 @@ def training_args(cfg: Config, checkpoints: Path, run_name: str | None = None):
         # train.batch_size is the global batch: the same optimization on 1 GPU or N.
         per_device_train_batch_size=per_device, gradient_accumulation_steps=t.grad_accum,
         warmup_steps=t.warmup_steps, lr_scheduler_type=t.lr_scheduler, weight_decay=t.weight_decay,
-        logging_steps=t.logging_steps, save_steps=t.save_steps, save_total_limit=2,
+        # The first and the last step's loss are always logged: a run shorter than logging_steps still has both.
+        logging_steps=t.logging_steps, logging_first_step=True, save_steps=t.save_steps, save_total_limit=2,
         eval_strategy="steps" if t.eval_steps else "no", eval_steps=t.eval_steps, per_device_eval_batch_size=per_device,
         prediction_loss_only=True,  # the held-out loss only: no logits kept
         seed=cfg.seed, data_seed=cfg.seed, bf16=bf16, fp16=torch.cuda.is_available() and not bf16,
@@ -124,12 +125,26 @@ def collator(cfg: Config, tokenizer):
     return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding=True)
 
 
+def log_last_step():
+    """A callback that logs the last step's loss for the manifest, the card and the trackers: transformers logs a step
+    only when it is a multiple of logging_steps (it evaluates and saves the last one regardless)."""
+    from transformers import TrainerCallback
+
+    class LogLastStep(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step >= state.max_steps:
+                control.should_log = True
+
+    return LogLastStep()
+
+
 def build_trainer(cfg: Config, model, tokenizer, dataset, checkpoints: Path, heldout=None, run_name=None):
     """The Trainer this stage runs (also what scripts/bench_train.py measures)."""
     from transformers import Trainer
 
     return Trainer(model=model, args=training_args(cfg, checkpoints, run_name), train_dataset=dataset,
-                   eval_dataset=heldout if cfg.train.eval_steps else None, data_collator=collator(cfg, tokenizer))
+                   eval_dataset=heldout if cfg.train.eval_steps else None, data_collator=collator(cfg, tokenizer),
+                   callbacks=[log_last_step()])
 
 
 @contextlib.contextmanager
