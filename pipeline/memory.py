@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import resource
 from pathlib import Path
 
@@ -40,3 +42,15 @@ def peak():
         measured["host_rss_bytes"] = _host_peak(since_reset)
         if torch.cuda.is_available():
             measured["device_bytes"] = torch.cuda.max_memory_allocated()
+
+
+def return_freed_memory() -> None:
+    """Have glibc give large freed blocks back to the OS at once. By default it raises its mmap threshold after the
+    first large free (up to 32 MB), so that buffers the size of a layer's weights are carved from the heap from then
+    on and stay resident after they are freed: a layer-at-a-time loop then holds more than a layer (measured on a
+    0.81B Llama's merge: 2.09 GiB peak instead of 1.82). A fixed threshold turns that off. No-op off glibc."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD: 1 MiB, fixed
+    except (OSError, AttributeError, TypeError):
+        pass

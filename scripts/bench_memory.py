@@ -96,7 +96,10 @@ def main() -> None:
         model = args.out / "models" / f"w{args.width}-d{depth}"
         params = build_model(model, args.width, depth, args.intermediate, args.heads, args.kv_heads)
         stages = {}
-        for stage in STAGES[:max(STAGES.index(s) for s in args.stages) + 1]:  # earlier stages run, for their outputs
+        last = max(STAGES.index(s) for s in args.stages)
+        for i, stage in enumerate(STAGES[:last + 1]):
+            if stage not in args.stages and STAGES[i + 1] not in args.stages:
+                continue  # unmeasured stages run in one process, as upstream of the last of them
             measured = run_stage(stage, model, args.out / "runs" / f"d{depth}", args.overrides)
             if stage in args.stages:
                 stages[stage] = measured

@@ -27,6 +27,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
+from .. import memory
 from ..config import Config, shard_bytes
 from ..data import read_jsonl, row_text
 from ..models import artifact_paths, device, load_tokenizer, local_dir, torch_dtype
@@ -269,7 +270,7 @@ def probe_batch(tokenizer, train_dir: Path, n: int) -> dict:
 @torch.no_grad()
 def probe_logits(model, batch: dict) -> torch.Tensor:
     model.eval()  # no LoRA dropout
-    return model(**batch).logits.float()[batch["attention_mask"].bool()]
+    return model(**batch, use_cache=False).logits.float()[batch["attention_mask"].bool()]
 
 
 def compare(reference: torch.Tensor, candidate: torch.Tensor) -> dict:
@@ -338,6 +339,7 @@ def save_config(source: Path, work: Path, dtype: torch.dtype) -> None:
 
 
 def run(cfg: Config, work: Path, inputs: dict[str, Path]) -> dict:
+    memory.return_freed_memory()
     paths = artifact_paths(inputs)
     nf4_dir, adapter_dir = paths["nf4"], paths["qlora"]
     into_dir = nf4_dir if cfg.merge.into == "nf4" else local_dir(paths["base16"], cfg.model)
