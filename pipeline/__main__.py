@@ -7,7 +7,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from .cluster import follow_jobs_without_accounting, sweep_point_name
+from .cluster import follow_jobs_without_accounting, release_requeue_signal, sweep_point_name
 from .config import ConfigError
 from .runner import run
 
@@ -17,6 +17,7 @@ follow_jobs_without_accounting()  # here, in the process that submits and waits 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
+    release_requeue_signal()  # a SLURM task starts with it blocked; submitit's handler is in place now
     hydra_cfg = HydraConfig.get()
     cfg.experiment = hydra_cfg.runtime.choices.get("experiment") or cfg.experiment
     if hydra_cfg.mode == RunMode.MULTIRUN:  # each sweep point gets its own folder, named by what varies

@@ -1,14 +1,21 @@
-"""`-m` runs: the folder of each sweep point, what a SLURM job asks for, and job states on clusters without
-accounting. Used by the command-line edge (__main__) and by conf/hydra/launcher/slurm.yaml."""
+"""`-m` runs: the folder of each sweep point, what a SLURM job asks for, a requeue signal that cannot kill a job
+while it starts, and job states on clusters without accounting. Used by the command-line edge (__main__) and by
+conf/hydra/launcher/slurm.yaml."""
 from __future__ import annotations
 
 import hashlib
 import logging
+import signal
 import subprocess
+import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from hydra.core.config_store import ConfigStore
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra_plugins.hydra_submitit_launcher.config import SlurmQueueConf
 from omegaconf import DictConfig, OmegaConf
+from submitit import JobEnvironment
 from submitit.slurm.slurm import SlurmInfoWatcher, SlurmJob
 
 log = logging.getLogger(__name__)
@@ -53,6 +60,41 @@ def slurm_tasks(gpus: int) -> int:
 
 OmegaConf.register_new_resolver("slurm_gpus", slurm_gpus, replace=True)
 OmegaConf.register_new_resolver("slurm_tasks", slurm_tasks, replace=True)
+
+
+# submitit's requeue signal (USR2, or $SUBMITIT_PREEMPT_SIGNAL): SLURM sends it to every process of a job's steps
+# signal_delay_s before the time limit; a preempting scheduler or `scancel --signal` may send it any time. Until
+# submitit has installed its handler (once Python has started and unpickled the job, which imports torch: seconds),
+# its default action kills a task, and the job fails instead of being requeued. So a task starts with it blocked
+# (slurm_hold_requeue_signal), and the job's function unblocks it (release_requeue_signal).
+REQUEUE_SIGNAL = signal.Signals["SIG" + JobEnvironment.USR_SIG]
+
+
+def slurm_hold_requeue_signal() -> list[str]:
+    """srun's last arguments, before the task's command: a bare Python (-I -S: it starts in milliseconds) blocks the
+    signal and execs the command, which inherits the blocked signal; one sent meanwhile waits, pending."""
+    return [sys.executable, "-I", "-S", "-c", "import os, signal, sys; "
+            f"signal.pthread_sigmask(signal.SIG_BLOCK, [signal.{REQUEUE_SIGNAL.name}]); "
+            "os.execvp(sys.argv[1], sys.argv[1:])"]
+
+
+def release_requeue_signal() -> None:
+    """Unblock the requeue signal: in a SLURM task, submitit's handler is installed by the time the job's function
+    runs, and a signal held since the task started reaches it now."""
+    if REQUEUE_SIGNAL in signal.sigpending():
+        log.warning("%s arrived while this task was starting: handing it to submitit now", REQUEUE_SIGNAL.name)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [REQUEUE_SIGNAL])
+
+
+@dataclass
+class SlurmSchema(SlurmQueueConf):
+    """hydra/launcher=slurm: hydra-submitit-launcher's settings and submitit's srun_args, which the launcher passes
+    on to submitit but its schema (1.2) does not list."""
+    srun_args: list[str] = field(default_factory=list)
+
+
+ConfigStore.instance().store(group="hydra/launcher", name="slurm_schema", node=SlurmSchema)
+OmegaConf.register_new_resolver("slurm_hold_requeue_signal", slurm_hold_requeue_signal, replace=True)
 
 
 class JobStates(SlurmInfoWatcher):

@@ -1,7 +1,8 @@
 """Cluster use. On a real one-node SLURM cluster (scripts/slurm_local.sh): a sweep's points share the upstream
-artifacts and a later job finds them; a 2-task job trains DDP and writes one adapter; a job past its time limit is
-requeued and resumes to the same adapter; a cancelled job resumes when run again. Also: DDP through accelerate,
-sweep folder names, and concurrent runs of one stage serialized by its lock."""
+artifacts and a later job finds them; a 2-task job trains DDP and writes one adapter; a job signalled at its time
+limit is requeued and resumes to the same adapter, and one signalled while it starts is requeued too; a cancelled
+job resumes when run again. Also: DDP through accelerate, sweep folder names, and concurrent runs of one stage
+serialized by its lock."""
 from __future__ import annotations
 
 import os
@@ -10,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -48,9 +50,8 @@ SLURM_UP = Path(__file__).resolve().parents[1] / "scripts" / "slurm_local.sh"
 # Small jobs for the one node (its CPUs and memory, and two placeholder GPUs): one CPU and 3 GB a task.
 SMALL_JOBS = [f"resources.{stage}.{key}={value}" for stage in ("all", "base", "train", "merge", "gptq")
               for key, value in (("cpus_per_gpu", 1), ("mem_gb", 3))]
-# A train of 2 tasks that works for some 45 s here: past the time at which SLURM warns a job with a 1-minute
-# limit and signal_delay_s=30 (up to 30 s in, at its 30-second granularity), on a faster machine too.
-LONG_TRAIN = ["stage=train", "resources.train.gpus=2", "train.max_steps=900", "train.save_steps=30",
+# A train of 2 tasks that works for some 20 s here, checkpointing as it goes: long enough to be signalled mid-way.
+LONG_TRAIN = ["stage=train", "resources.train.gpus=2", "train.max_steps=300", "train.save_steps=30",
               "train.logging_steps=30"]
 
 
@@ -87,6 +88,11 @@ def submission_script(job: Path) -> str:
 
 def job_log(job: Path) -> str:
     return "".join(p.read_text() for p in sorted(job.glob("*_log.*")))
+
+
+def runs(job: Path) -> int:
+    """How many times SLURM started the job (a requeued job starts again): submitit's first line in its first task."""
+    return (job / f"{job.name}_0_log.out").read_text().count("Starting with JobEnvironment")
 
 
 def test_sweep_on_slurm_shares_the_upstream_stages_and_a_later_job_finds_them(slurm, tiny_model_dir, tmp_path):
@@ -137,9 +143,29 @@ def ddp_train_on_slurm(slurm, tiny_model_dir, tmp_path_factory):
 def test_two_task_train_job_on_slurm_writes_the_adapter_once(ddp_train_on_slurm):
     _, out, result = ddp_train_on_slurm
     assert result.returncode == 0, said(result)[-3000:]
-    assert_one_ddp_adapter(out, out / "tiny", steps=900)
+    assert_one_ddp_adapter(out, out / "tiny", steps=300)
     (job,) = jobs(out)
     assert "--ntasks-per-node=2" in submission_script(job)
+
+
+def launch(args: list[str], log: Path) -> subprocess.Popen:
+    """A pipeline command in the background, its output to a file (a full pipe would block it)."""
+    return subprocess.Popen([sys.executable, "-m", "pipeline", *args], stdout=log.open("w"),
+                            stderr=subprocess.STDOUT, env=ENV)
+
+
+def wait_until(happened: Callable[[], bool], launcher: subprocess.Popen, log: Path) -> None:
+    """Poll, for 5 minutes at most, while the launcher runs: its log says why it stopped."""
+    deadline = time.time() + 300
+    while not happened():
+        assert launcher.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+        time.sleep(0.1)
+
+
+def signal_job(job: Path) -> None:
+    """Send submitit's requeue signal (USR2) as SLURM does at the time limit (--signal without B:): to every
+    process of the job's steps, not to its batch script."""
+    subprocess.run(["scancel", "--signal=USR2", job.name.split("_")[0]], check=True)
 
 
 def release_requeued(launcher: subprocess.Popen) -> None:
@@ -154,25 +180,29 @@ def release_requeued(launcher: subprocess.Popen) -> None:
         time.sleep(1)
 
 
-def test_train_job_past_its_time_limit_is_requeued_and_resumes_to_the_same_adapter(ddp_train_on_slurm, tmp_path):
+def test_train_job_signalled_at_its_time_limit_is_requeued_and_resumes_to_the_same_adapter(ddp_train_on_slurm,
+                                                                                         tmp_path):
     conf, straight, _ = ddp_train_on_slurm
     out, log = tmp_path / "outputs", tmp_path / "launcher.log"
-    # A 1-minute limit; SLURM sends submitit's signal to requeue 30 s before it (up to 30 s earlier still), so
-    # a run may train for only a few seconds: allow many requeues. Beside another test worker, the 900 steps took
-    # 7 runs of 90-180 steps each (CI, 6 allowed then).
-    args = on_slurm(conf, out, *LONG_TRAIN, "resources.train.timeout_min=1", "hydra.launcher.signal_delay_s=30",
-                    "hydra.launcher.max_num_timeout=15")
-    launcher = subprocess.Popen([sys.executable, "-m", "pipeline", *args], stdout=log.open("w"),
-                                stderr=subprocess.STDOUT, env=ENV)
+    # The test sends the time-limit signal itself, once a checkpoint is written: SLURM's own comes at a 30-second
+    # tick up to 30 s ahead of signal_delay_s, at a moment no test can choose (here not before 9 minutes). A job of
+    # 10 minutes or less is one submitit counts as timed out when signalled, as at its limit.
+    args = on_slurm(conf, out, *LONG_TRAIN, "resources.train.timeout_min=10", "hydra.launcher.signal_delay_s=30")
+    launcher = launch(args, log)
+    wait_until(lambda: any(out.glob("store/.train-*.partial/checkpoints/checkpoint-*/trainer_state.json")),
+               launcher, log)
+    (job,) = jobs(out)
+    signal_job(job)
     release_requeued(launcher)
     assert launcher.wait() == 0, log.read_text()[-3000:]
 
-    (job,) = jobs(out)  # one job, run several times
-    runs = job_log(job)
-    assert runs.count("Requeued job") >= 1 and "this job is timed-out" in runs
-    assert runs.count("resuming from checkpoint-") >= 1
+    assert "--signal=USR2@30" in submission_script(job)  # what has SLURM send it at the limit
+    assert runs(job) == 2
+    job_said = job_log(job)
+    assert "Requeued job" in job_said and "this job is timed-out" in job_said
+    assert "resuming from checkpoint-" in job_said
     metrics = read_manifest(out / "tiny" / "train")["metrics"]
-    assert metrics["resumed_from"].startswith("checkpoint-") and metrics["steps"] == 900
+    assert metrics["resumed_from"].startswith("checkpoint-") and metrics["steps"] == 300
     resumed, uninterrupted = (load_file(o / "tiny" / "train" / "adapter" / "adapter_model.safetensors")
                               for o in (out, straight))
     assert resumed.keys() == uninterrupted.keys()
@@ -180,16 +210,31 @@ def test_train_job_past_its_time_limit_is_requeued_and_resumes_to_the_same_adapt
         assert (resumed[name] - uninterrupted[name]).abs().max().item() < 1e-4, name
 
 
+def test_job_signalled_while_it_starts_is_requeued(slurm, tiny_model_dir, tmp_path):
+    conf, out, log = tmp_path / "conf", tmp_path / "outputs", tmp_path / "launcher.log"
+    experiment_file(conf, tiny_model_dir, *SMALL_JOBS)
+    launcher = launch(on_slurm(conf, out, "stage=train", "resources.train.gpus=0"), log)
+    # submitit's first line, before it unpickles the job (which imports torch: seconds) and installs its handler.
+    wait_until(lambda: any("Starting with JobEnvironment" in p.read_text() for p in out.glob("slurm/*/*_log.out")),
+               launcher, log)
+    (job,) = jobs(out)
+    signal_job(job)
+    release_requeued(launcher)
+    assert launcher.wait() == 0, log.read_text()[-3000:]
+
+    assert runs(job) == 2
+    assert "SIGUSR2 arrived while this task was starting" in job_log(job), job_log(job)[-3000:]
+    assert read_manifest(out / "tiny" / "train")["metrics"]["steps"] == 12
+
+
 def test_cancelled_train_job_resumes_when_run_again(slurm, tiny_model_dir, tmp_path):
     conf, out, log = tmp_path / "conf", tmp_path / "outputs", tmp_path / "launcher.log"
     experiment_file(conf, tiny_model_dir, *SMALL_JOBS)
-    args = on_slurm(conf, out, "stage=train", "resources.train.gpus=0", "train.max_steps=300", "train.save_steps=10")
-    launcher = subprocess.Popen([sys.executable, "-m", "pipeline", *args], stdout=log.open("w"),
-                                stderr=subprocess.STDOUT, env=ENV)
-    deadline = time.time() + 300
-    while not list(out.glob("store/.train-*.partial/checkpoints/checkpoint-*/trainer_state.json")):
-        assert launcher.poll() is None and time.time() < deadline, log.read_text()[-3000:]
-        time.sleep(0.2)
+    # Still training when scancel's SIGKILL comes: submitit bypasses its SIGTERM, and SLURM waits 5 s (KillWait).
+    args = on_slurm(conf, out, "stage=train", "resources.train.gpus=0", "train.max_steps=120", "train.save_steps=10")
+    launcher = launch(args, log)
+    wait_until(lambda: any(out.glob("store/.train-*.partial/checkpoints/checkpoint-*/trainer_state.json")),
+               launcher, log)
     (job,) = jobs(out)
     subprocess.run(["scancel", job.name.split("_")[0]], check=True)
     # The launcher learns it from squeue (no accounting here) and stops, instead of waiting forever.
@@ -201,7 +246,7 @@ def test_cancelled_train_job_resumes_when_run_again(slurm, tiny_model_dir, tmp_p
     assert again.returncode == 0, said(again)[-3000:]
     assert "resuming from checkpoint-" in job_log(jobs(out)[-1])
     metrics = read_manifest(out / "tiny" / "train")["metrics"]
-    assert metrics["resumed_from"].startswith("checkpoint-") and metrics["steps"] == 300
+    assert metrics["resumed_from"].startswith("checkpoint-") and metrics["steps"] == 120
 
 
 def test_slurm_launcher_asks_for_each_stage_resources():
