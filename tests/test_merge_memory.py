@@ -61,15 +61,15 @@ def test_merge_runs_in_less_memory_than_the_model_takes_in_float32(tiny_model_di
 def test_bench_memory_writes_peaks_per_stage_and_size(tmp_path):
     script = Path(__file__).resolve().parents[1] / "scripts" / "bench_memory.py"
     done = subprocess.run([sys.executable, str(script), "--width", "64", "--intermediate", "128", "--heads", "4",
-                           "--kv-heads", "2", "--depths", "1", "3", "--stages", "merge", "--out", str(tmp_path)],
+                           "--kv-heads", "2", "--depths", "1", "3", "--stages", "base", "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=900, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     result = json.loads((tmp_path / "bench_memory.json").read_text())
-    assert [m["depth"] for m in result["models"]] == [1, 3] and result["stages"] == ["merge"]
+    assert [m["depth"] for m in result["models"]] == [1, 3] and result["stages"] == ["base"]
     small, large = result["models"]
     assert large["params"] > small["params"] > 0
     for model in result["models"]:
-        measured = model["stages"]["merge"]
+        measured = model["stages"]["base"]
         assert 2**28 < measured["peak_rss_bytes"] < 2**33 and measured["seconds"] > 0, measured
-    assert set(result["bytes_per_extra_param"]) == {"merge"}
+    assert set(result["bytes_per_extra_param"]) == {"base"} and result["bytes_per_extra_param"]["base"] > 0
     assert (tmp_path / "bench_memory.png").stat().st_size > 5000

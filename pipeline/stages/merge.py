@@ -153,9 +153,17 @@ class ShardWriter:
         return self.count
 
 
-def checkpoint_key(param: str) -> str:
-    """The checkpoint's name of a parameter of a model with LoRA layers injected."""
-    return param.replace(".base_layer.", ".")
+def saved_names(model, checkpoint: Checkpoint) -> dict[str, str]:
+    """The checkpoint's name of each parameter of `model` (LoRA layers injected or not) that the checkpoint holds.
+    transformers 5 renames some weights between a model and its files (GPT-NeoX's `lm_head` is `embed_out` on
+    disk): its own renaming rules map them."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightRenaming, rename_source_key
+
+    renamings = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
+    on_disk = {rename_source_key(key, renamings, [])[0]: key for key in checkpoint.weights}
+    names = {name: name.replace(".base_layer.", ".") for name, _ in model.named_parameters() if ".lora_" not in name}
+    return {name: on_disk[plain] for name, plain in names.items() if plain in on_disk}
 
 
 def adapter_key(param: str) -> str:
@@ -244,18 +252,18 @@ class Streamed:
             bar.close()
 
 
-def filler(weights: Checkpoint, adapter: Checkpoint | None, dtype: torch.dtype):
+def filler(streamed: Streamed, weights: Checkpoint, adapter: Checkpoint | None, dtype: torch.dtype):
     """`fill` for Streamed.logits: base weights from `weights` (dequantized if 4-bit) in `dtype`, LoRA weights from
     `adapter`; parameters the checkpoint does not hold (a tied head) are left to tie_weights."""
-    on = device()
+    on, saved = device(), saved_names(streamed.model, weights)
 
     def fill(names: list[str]) -> dict[str, torch.Tensor]:
         tensors = {}
         for name in names:
             if ".lora_" in name:
                 tensors[name] = adapter.raw(adapter_key(name), on).float()
-            elif checkpoint_key(name) in weights.entries:
-                tensors[name] = weights.float32(checkpoint_key(name), on).to(dtype)
+            elif name in saved:
+                tensors[name] = weights.float32(saved[name], on).to(dtype)
         return tensors
     return fill
 
@@ -308,11 +316,11 @@ def merge_into(cfg: Config, work: Path, nf4_dir: Path, into_dir: Path, adapter_d
         raise RuntimeError(f"{into_dir} and {nf4_dir} hold different weights: "
                            f"{sorted(set(into.weights) ^ set(nf4.weights))[:5]}")
     streamed = Streamed(nf4_dir, torch.float32, adapter_dir, cfg.model.trust_remote_code)
-    reference = streamed.logits(batch, filler(nf4, adapter, torch.float32), what="NF4 + adapter")
+    reference = streamed.logits(batch, filler(streamed, nf4, adapter, torch.float32), what="NF4 + adapter")
 
-    written = {part: [name for name in names if ".lora_" not in name and checkpoint_key(name) in into.entries]
-               for part, names in streamed.parts.items()}
-    writer = ShardWriter(work, [(checkpoint_key(name), streamed.model.get_parameter(name).shape)
+    saved = saved_names(streamed.model, into)  # written under the names the checkpoint has them, as save_pretrained
+    written = {part: [name for name in names if name in saved] for part, names in streamed.parts.items()}
+    writer = ShardWriter(work, [(saved[name], streamed.model.get_parameter(name).shape)
                                 for names in written.values() for name in names],
                          torch_dtype(cfg.merge.dtype), shard_bytes(cfg.merge.max_shard_size))
 
@@ -320,8 +328,8 @@ def merge_into(cfg: Config, work: Path, nf4_dir: Path, into_dir: Path, adapter_d
         for layer in streamed.lora[part]:
             layer.merge()
         for name in written[part]:
-            writer.add(checkpoint_key(name), streamed.model.get_parameter(name))
-    merged = streamed.logits(batch, filler(into, adapter, torch.float32), after=merge, what="merge")
+            writer.add(saved[name], streamed.model.get_parameter(name))
+    merged = streamed.logits(batch, filler(streamed, into, adapter, torch.float32), after=merge, what="merge")
     log.info("merge: %d shard(s) of at most %s written", writer.close(), cfg.merge.max_shard_size)
     return reference, merged
 
@@ -351,8 +359,9 @@ def run(cfg: Config, work: Path, inputs: dict[str, Path]) -> dict:
     dtype = torch_dtype(cfg.merge.dtype)
     save_config(nf4_dir, work, dtype)
     tokenizer.save_pretrained(work)
-    written = Streamed(work, dtype, None, cfg.model.trust_remote_code).logits(
-        batch, filler(Checkpoint(work), None, dtype), what=f"read back in {cfg.merge.dtype}")
+    read_back = Streamed(work, dtype, None, cfg.model.trust_remote_code)
+    written = read_back.logits(batch, filler(read_back, Checkpoint(work), None, dtype),
+                               what=f"read back in {cfg.merge.dtype}")
     stored = compare(reference, written)
     log.info("stored in %s: argmax agreement %.4f, mean |dlogit| %.3f vs NF4 + adapter", cfg.merge.dtype,
              stored["argmax_agreement"], stored["mean_abs_logit_diff"])
