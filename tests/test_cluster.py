@@ -230,8 +230,7 @@ def test_job_signalled_while_it_starts_is_requeued(slurm, tiny_model_dir, tmp_pa
 def test_cancelled_train_job_resumes_when_run_again(slurm, tiny_model_dir, tmp_path):
     conf, out, log = tmp_path / "conf", tmp_path / "outputs", tmp_path / "launcher.log"
     experiment_file(conf, tiny_model_dir, *SMALL_JOBS)
-    # Still training when scancel's SIGKILL comes: submitit bypasses its SIGTERM, and SLURM waits 5 s (KillWait).
-    args = on_slurm(conf, out, "stage=train", "resources.train.gpus=0", "train.max_steps=120", "train.save_steps=10")
+    args = on_slurm(conf, out, "stage=train", "resources.train.gpus=0", "train.max_steps=300", "train.save_steps=10")
     launcher = launch(args, log)
     wait_until(lambda: any(out.glob("store/.train-*.partial/checkpoints/checkpoint-*/trainer_state.json")),
                launcher, log)
@@ -246,7 +245,7 @@ def test_cancelled_train_job_resumes_when_run_again(slurm, tiny_model_dir, tmp_p
     assert again.returncode == 0, said(again)[-3000:]
     assert "resuming from checkpoint-" in job_log(jobs(out)[-1])
     metrics = read_manifest(out / "tiny" / "train")["metrics"]
-    assert metrics["resumed_from"].startswith("checkpoint-") and metrics["steps"] == 120
+    assert metrics["resumed_from"].startswith("checkpoint-") and metrics["steps"] == 300
 
 
 def test_slurm_launcher_asks_for_each_stage_resources():
