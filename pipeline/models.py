@@ -207,38 +207,65 @@ def artifact_paths(inputs: dict[str, Path]) -> dict[str, Path | str]:
     return paths
 
 
-# GPTQ kernels to try, in order, when loading a GPTQ checkpoint: the first that takes every layer wins. Not
-# GPTQModel's AUTO on CUDA: on Hopper it picks Machete, which downloads and builds CUTLASS at first use and
-# refuses layers with fewer than 128 outputs. On CPU AUTO picks the int4pack ATen kernel, which needs a group
-# size dividing every layer's input size; the portable torch kernel takes anything.
-GPTQ_KERNELS = {"cuda": ("gptq_marlin", "gptq_exllama_v2", "gptq_torch"), "cpu": ("auto", "gptq_torch")}
+# Kernels to try, in order, when loading the gptq stage's checkpoint (by its layout, then device): the first that
+# takes every layer wins. Not GPTQModel's AUTO on CUDA: on Hopper it picks Machete, which downloads and builds
+# CUTLASS at first use and refuses layers with fewer than 128 outputs. On CPU AUTO picks the int4pack ATen kernel,
+# which needs a group size dividing every layer's input size; the portable torch kernel takes anything.
+KERNELS = {"gptq": {"cuda": ("gptq_marlin", "gptq_exllama_v2", "gptq_torch"), "cpu": ("auto", "gptq_torch")},
+           "awq": {"cuda": ("marlin", "torch_awq"), "cpu": ("auto", "torch_awq")}}
+
+
+def quantization_config(path: Path) -> dict:
+    """A quantized checkpoint's quantization config; its quant_method names the layout (gptq or awq)."""
+    return json.loads((path / "config.json").read_text())["quantization_config"]
 
 
 def load_gptq(path: Path):
-    """A GPTQ checkpoint loaded with transformers, as users load it, on the fastest kernel that takes it. One with
-    per-module settings (gptq.dynamic) loads with GPTQModel, as vLLM reads it too: transformers' GPTQ loader drops
-    them and fails on the layers they change."""
-    from transformers import AutoModelForCausalLM, GPTQConfig
+    """The gptq stage's checkpoint (GPTQ or AWQ layout) loaded with transformers, as users load it, on the fastest
+    kernel that takes it. One with per-module settings (gptq.dynamic) loads with GPTQModel, as vLLM reads it too:
+    transformers' GPTQ loader drops them and fails on the layers they change."""
+    from transformers import AutoModelForCausalLM, AwqConfig, GPTQConfig
 
-    quantization = json.loads((path / "config.json").read_text())["quantization_config"]
-    *preferred, portable = GPTQ_KERNELS[device().type]
+    quantization = quantization_config(path)
+    method = quantization["quant_method"]
+    *preferred, portable = KERNELS[method][device().type]
 
     def load(backend: str):
         if quantization.get("dynamic"):
             from gptqmodel import GPTQModel
 
             return GPTQModel.load(str(path), device=device(), backend=backend).model
-        kernel = {} if backend == "auto" else {"quantization_config": GPTQConfig(bits=quantization["bits"],
-                                                                                  backend=backend)}
+        config = {"gptq": GPTQConfig, "awq": AwqConfig}[method]
+        kernel = {} if backend == "auto" else {"quantization_config": config(bits=quantization["bits"],
+                                                                             backend=backend)}
         return AutoModelForCausalLM.from_pretrained(str(path), device_map=device_map(), use_safetensors=True,
                                                     **kernel)
     for backend in preferred:
         try:
             return load(backend)
         except (NotImplementedError, ValueError, RuntimeError) as err:
-            log.info("GPTQ kernel %s cannot load %s (%s); trying the next", backend, path.name,
+            log.info("%s kernel %s cannot load %s (%s); trying the next", method.upper(), backend, path.name,
                      str(err).strip().splitlines()[0][:160])
     return load(portable)
+
+
+def load_portable(path: Path):
+    """The gptq stage's checkpoint loaded with GPTQModel's portable torch kernel of its layout, whose layers keep
+    the packed tensors as saved: the fast CPU kernels repack them at the first forward, and transformers' GPTQ
+    layers cast their unpacking tables to the model dtype, which breaks dequantizing on CPU."""
+    from gptqmodel import BACKEND, GPTQModel
+
+    backend = {"gptq": BACKEND.GPTQ_TORCH, "awq": BACKEND.AWQ_TORCH}[quantization_config(path)["quant_method"]]
+    return GPTQModel.load(str(path), device=device(), backend=backend).model
+
+
+def dequantized(layer) -> torch.Tensor:
+    """A quantized layer of load_portable's model as a dense float32 weight [out, in], dequantized by GPTQModel."""
+    if hasattr(layer, "dequantize_weight"):  # GPTQ
+        return layer.dequantize_weight().T.float()
+    from gptqmodel.quantization.awq.utils.packing_utils import dequantize_gemm
+
+    return dequantize_gemm(layer.qweight, layer.qzeros, layer.scales, layer.bits, layer.group_size).T.float()
 
 
 def load_artifact(name: str, inputs: dict[str, Path], cfg):

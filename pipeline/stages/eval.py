@@ -17,8 +17,8 @@ import torch
 from .. import harness
 from ..config import Config, ConfigError
 from ..data import pydoc_texts, read_jsonl, row_text, task_chats, token_windows
-from ..models import (artifact_disk_bytes, artifact_paths, device, load_artifact, load_tokenizer, nf4_weight,
-                      quantized_kernels)
+from ..models import (artifact_disk_bytes, artifact_paths, dequantized, load_artifact, load_portable, load_tokenizer,
+                      nf4_weight, quantized_kernels)
 from ..quality import perplexity, task_scores
 from . import gptq
 
@@ -48,15 +48,12 @@ def ppl_texts(cfg: Config, tokenizer, train_dir: Path) -> list[str]:
 
 
 def dense_weight(name: str, model, gptq_dir: Path, layer: str) -> torch.Tensor | None:
-    """The layer's weight as a dense float matrix, whatever its storage (16-bit, bitsandbytes NF4, GPTQ)."""
+    """The layer's weight as a dense float matrix, whatever its storage (16-bit, bitsandbytes NF4, GPTQ or AWQ)."""
     if name == "gptq":
-        # transformers' GPTQ layers cast their unpacking tables to the model dtype, which breaks dequantize_weight
-        # on CPU: read the layer through GPTQModel's portable torch kernel instead.
-        from gptqmodel import BACKEND, GPTQModel
-        model = GPTQModel.load(str(gptq_dir), device=device(), backend=BACKEND.GPTQ_TORCH).model
+        model = load_portable(gptq_dir)  # the layers as saved, which the kernels eval runs may have repacked
     module = dict(model.named_modules()).get(layer)
-    if hasattr(module, "dequantize_weight"):  # a GPTQ layer (gptq.dynamic may leave it 16-bit)
-        return module.dequantize_weight().T.float()
+    if hasattr(module, "qweight"):  # a GPTQ or AWQ layer (gptq.dynamic may leave it 16-bit)
+        return dequantized(module)
     weight = getattr(module, "weight", None)
     if weight is not None and hasattr(weight, "quant_state"):
         return nf4_weight(module)
