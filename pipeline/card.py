@@ -32,8 +32,9 @@ def loss(metrics: dict, key: str) -> str:
 def render(cfg: Config, exp: Path) -> str:
     gptq, train, merge = (read_manifest(exp / stage) or {} for stage in ("gptq", "train", "merge"))
     g, t = gptq["config"]["gptq"], train["config"]["train"]
+    layout = gptq["metrics"].get("format", "gptq")  # manifests from before gptq.format wrote GPTQ
     metadata = {"library_name": "transformers", "pipeline_tag": "text-generation",
-                "tags": ["gptq", f"{g['bits']}-bit", "qlora", "text-generation"]}
+                "tags": ["gptq", *(["awq"] if layout == "awq" else []), f"{g['bits']}-bit", "qlora", "text-generation"]}
     if is_hub_id(cfg.model.name_or_path):
         metadata["base_model"] = cfg.model.name_or_path
     evaluation, bench, served = report.results(exp)
@@ -56,24 +57,28 @@ def render(cfg: Config, exp: Path) -> str:
     serve_lines = [] if vllm_refuses else [
         "```bash", "vllm serve <this folder or repo>   # OpenAI-compatible server; the chat template ships with the "
         "checkpoint", "```"]
+    described = {"gptq": "A standard GPTQ checkpoint (`quant_method: gptq`)",
+                 "awq": "GPTQ's weights in the AWQ layout (`quant_method: awq`, GEMM version, a zero point per group), "
+                        "repacked from GPTQModel's output without changing one dequantized weight"}[layout]
     sources = steps.get("sources", [])
     data = " + ".join(f"`{c['source']}`" + (f" (weight {c['weight']:g})" if len(sources) > 1 else "") for c in sources)
     lines = [
         "---", yaml.safe_dump(metadata, sort_keys=False).strip(), "---", "",
         f"# {exp.name}: GPTQ {g['bits']}-bit", "",
         f"`{cfg.model.name_or_path}` fine-tuned with QLoRA on {data}, the adapter "
-        "merged into the dequantized NF4 base (which it was trained on), then quantized with GPTQ (GPTQModel). A "
-        f"standard GPTQ checkpoint (`quant_method: gptq`): {loaders}; {servers}.", "",
+        "merged into the dequantized NF4 base (which it was trained on), then quantized with GPTQ (GPTQModel). "
+        f"{described}: {loaders}; {servers}.", "",
         "## Use it", "", "```python", *load_lines,
         'tokenizer = AutoTokenizer.from_pretrained("<this folder or repo>")',
         'prompt = tokenizer.apply_chat_template([{"role": "user", "content": "..."}], add_generation_prompt=True,',
         '                                       return_tensors="pt", return_dict=True).to(model.device)',
         "print(tokenizer.decode(model.generate(**prompt, max_new_tokens=64)[0]))", "```", *serve_lines, "",
         "## Quantization", "",
-        "| bits | group size | method | group ranges | desc_act | sym | damp | calibration | vLLM-compatible |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| bits | group size | method | group ranges | desc_act | sym | layout | damp | calibration | "
+        "vLLM-compatible |",
+        "|---|---|---|---|---|---|---|---|---|---|",
         f"| {g['bits']} | {gptq['metrics']['group_size']} | {g['method']} | {ranges} | {g['desc_act']} | {g['sym']} | "
-        f"{g['damp_percent']} | "
+        f"{layout} | {g['damp_percent']} | "
         f"{gptq['metrics']['calibration_windows']} x {g['calib_seq_len']} tokens ({g['calib_source']}) | "
         f"{gptq['metrics']['vllm_compatible']} |", "",
         "## Training", "",

@@ -142,7 +142,13 @@ class GPTQConfig:
     # None picks the largest of 128/64/32 that divides every layer's input size (what vLLM needs).
     group_size: Optional[int] = None
     desc_act: bool = False  # vLLM refuses dynamic act-order checkpoints
-    sym: bool = True
+    # Asymmetric grids (a zero point per group): the lower perplexity for the same bytes and time (README, GPTQ
+    # levers). vLLM serves them in the AWQ layout only (gptq.format).
+    sym: bool = False
+    # The checkpoint's layout: gptq (GPTQModel's own; vLLM refuses it with sym=false), awq (repacked from it, no
+    # weight changed; 4 bits, static order, no gptq.dynamic rules), or auto: awq where the grids are asymmetric
+    # and it can hold them, gptq otherwise (checkpoint_format).
+    format: str = "auto"
     # GPTQModel's solvers, all saving the standard GPTQ format: gptq, gptaq (also corrects for the quantized
     # layers' changed inputs) or foem (first-order error compensation).
     method: str = "gptq"
@@ -179,6 +185,7 @@ def shard_bytes(size: Any) -> int | None:
 
 
 GPTQ_METHODS = ("gptq", "gptaq", "foem")
+GPTQ_FORMATS = ("auto", "gptq", "awq")
 DYNAMIC_KEYS = ("bits", "group_size", "sym", "desc_act")  # what vLLM reads of a rule too
 ARTIFACTS = ("base16", "nf4", "qlora", "merged", "gptq", "rtn")
 MIN_GROUP_SIZE = 16  # the smallest group size GPTQModel's kernels take (its portable torch kernel: 16 to 1024)
@@ -352,6 +359,25 @@ def group_size_allowed(size: Any) -> bool:
     return size is None or size == -1 or (isinstance(size, int) and size >= MIN_GROUP_SIZE and size & (size - 1) == 0)
 
 
+def awq_misfits(g: GPTQConfig) -> list[str]:
+    """What in the GPTQ settings the AWQ layout cannot hold: it has 4-bit codes, one setting for every layer and no
+    column order of its own."""
+    misfits = [f"gptq.bits={g.bits} (AWQ holds 4 bits)"] if g.bits != 4 else []
+    if g.desc_act:
+        misfits.append("gptq.desc_act=true (AWQ has no act-order)")
+    if g.dynamic:
+        misfits.append("gptq.dynamic rules (AWQ has one setting for every layer)")
+    return misfits
+
+
+def checkpoint_format(g: GPTQConfig) -> str:
+    """gptq.format resolved: auto is AWQ for asymmetric grids (vLLM refuses them in the GPTQ layout) where AWQ can
+    hold the checkpoint, GPTQ otherwise (symmetric grids stay in the format every GPTQ reader takes)."""
+    if g.format != "auto":
+        return g.format
+    return "awq" if not g.sym and not awq_misfits(g) else "gptq"
+
+
 def validate_dynamic_rule(pattern: str, rule: Any) -> None:
     key = f"gptq.dynamic[{pattern!r}]"
     try:
@@ -427,6 +453,9 @@ def validate(cfg: Any) -> None:
            "smaller)", g.group_size)
     _check(0 < g.damp_percent < 1, "gptq.damp_percent", "a number in (0, 1)", g.damp_percent)
     _check(g.method in GPTQ_METHODS, "gptq.method", " or ".join(GPTQ_METHODS), g.method)
+    _check(g.format in GPTQ_FORMATS, "gptq.format", " or ".join(GPTQ_FORMATS), g.format)
+    _check(g.format != "awq" or not awq_misfits(g), "gptq.format",
+           f"gptq or auto with {', '.join(awq_misfits(g))}", g.format)
     _check(not (g.act_group_aware and g.method != "gptq"), "gptq.act_group_aware",
            f"null or false with gptq.method={g.method} (GPTQModel's GPTAQ and FOEM ignore it)", g.act_group_aware)
     _check(not (g.act_group_aware and g.desc_act), "gptq.act_group_aware",

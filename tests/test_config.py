@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config import ConfigError, validate
+from pipeline.config import ConfigError, checkpoint_format, validate
 from pipeline.runner import fingerprints, plan
 
 from .conftest import CONF_DIR, compose_config
@@ -71,6 +71,12 @@ def test_bad_values_are_refused_with_the_key(override, key):
      "gptq.dynamic['.*down_proj']={'bitz': 8} is not allowed: a mapping of some of bits, group_size, sym, desc_act"),
     (["gptq.dynamic={.*down_proj:{group_size:48}}"], "gptq.dynamic['.*down_proj'].group_size=48 is not allowed"),
     (["gptq.dynamic={.*down_proj:{sym:maybe}}"], "gptq.dynamic['.*down_proj'].sym='maybe' is not allowed"),
+    (["gptq.format=exl2"], "gptq.format='exl2' is not allowed: auto or gptq or awq"),
+    (["gptq.format=awq", "gptq.bits=3"], "gptq.format='awq' is not allowed: gptq or auto with gptq.bits=3 (AWQ holds "
+                                         "4 bits)"),
+    (["gptq.format=awq", "gptq.desc_act=true"], "gptq or auto with gptq.desc_act=true (AWQ has no act-order)"),
+    (["gptq.format=awq", "gptq.dynamic={.*down_proj:{bits:8}}"],
+     "gptq or auto with gptq.dynamic rules (AWQ has one setting for every layer)"),
     (["gptq.dynamic={-\\:lm_head:{bits:8}}"],
      "gptq.dynamic['-:lm_head']={'bits': 8} is not allowed: {} (a '-:' rule leaves the modules it matches 16-bit)"),
 ])
@@ -78,6 +84,19 @@ def test_bad_gptq_levers_are_refused(overrides, message):
     with pytest.raises(ConfigError) as error:
         validate(compose_config(*overrides))
     assert message in str(error.value)
+
+
+@pytest.mark.parametrize("overrides, layout", [
+    ([], "awq"),  # the default: asymmetric grids, in the layout vLLM serves them in
+    (["gptq.sym=true"], "gptq"),  # symmetric grids stay in the layout every GPTQ reader takes
+    (["gptq.format=gptq"], "gptq"), (["gptq.sym=true", "gptq.format=awq"], "awq"),
+    (["gptq.bits=3"], "gptq"), (["gptq.desc_act=true"], "gptq"),  # what AWQ cannot hold stays GPTQ
+    (["gptq.dynamic={.*down_proj:{bits:8}}"], "gptq"),
+])
+def test_gptq_format_auto_is_awq_for_asymmetric_grids_it_can_hold(overrides, layout):
+    cfg = compose_config(*overrides)
+    validate(cfg)
+    assert checkpoint_format(cfg.gptq) == layout
 
 
 GPTQ_VARIANTS = sorted(p.stem for p in (Path(CONF_DIR) / "gptq").glob("*.yaml") if p.stem != "default")

@@ -1,16 +1,19 @@
-"""The GPTQ output is a standard checkpoint: plain transformers loads it, and it stays close to the merged model."""
+"""The GPTQ output loads in plain transformers and stays close to the merged model, in either layout: GPTQModel's
+GPTQ one, or the AWQ one repacked from it without changing a weight."""
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from pipeline import quantease
+from pipeline import awq, quantease
 from pipeline.config import ConfigError
 from pipeline.data import read_jsonl
-from pipeline.models import load_gptq, load_tokenizer
+from pipeline.models import dequantized, load_gptq, load_portable, load_tokenizer
 from pipeline.quality import generate_answers
 from pipeline.stages.gptq import check_rules_match, choose_group_size, mse_exponent, vllm_problems
 from pipeline.stages.merge import compare, probe_batch, probe_logits
@@ -51,8 +54,11 @@ def test_group_size_choice_and_vllm_checks():
     assert choose_group_size(None, smollm2) == 64  # 128 does not divide 576
     assert choose_group_size(None, {128, 256}) == 128
     assert choose_group_size(32, smollm2) == 32
-    assert vllm_problems(compose_config().gptq, 64, smollm2_linears()) == []
-    assert vllm_problems(compose_config("gptq.bits=8").gptq, 64, smollm2_linears()) == []
+    assert vllm_problems(compose_config().gptq, 64, smollm2_linears()) == []  # asymmetric, in the AWQ layout
+    assert vllm_problems(compose_config("gptq.sym=true").gptq, 64, smollm2_linears()) == []  # symmetric GPTQ
+    assert vllm_problems(compose_config("gptq.bits=8", "gptq.sym=true").gptq, 64, smollm2_linears()) == []
+    asymmetric_gptq = vllm_problems(compose_config("gptq.format=gptq").gptq, 64, smollm2_linears())
+    assert len(asymmetric_gptq) == 1 and "sym=false in the GPTQ layout" in asymmetric_gptq[0], asymmetric_gptq
     problems = vllm_problems(compose_config("gptq.desc_act=true", "gptq.bits=3", "gptq.sym=false").gptq, 128,
                              smollm2_linears())
     assert len(problems) == 4, problems
@@ -73,7 +79,7 @@ def test_group_size_choice_and_vllm_checks():
                                               "model.layers.0.mlp:"),
 ])
 def test_dynamic_rules_vllm_serves_and_refuses(rules, problem):
-    g = compose_config(f"gptq.dynamic={rules}").gptq
+    g = compose_config(f"gptq.dynamic={rules}", "gptq.sym=true").gptq
     problems = vllm_problems(g, 64, smollm2_linears())
     assert problems == [] if problem is None else (len(problems) == 1 and problem in problems[0]), problems
 
@@ -91,6 +97,7 @@ def test_non_default_settings_are_recorded(finished):
     assert manifest["metrics"]["kernel"]  # the kernel GPTQModel picked on this device
     assert manifest["config"]["gptq"]["mse"] is None  # null in the config, resolved for this device in the metrics
     assert manifest["metrics"]["mse"] == (2.4 if torch.cuda.is_available() else 0.0)
+    assert manifest["config"]["gptq"]["sym"] is False and manifest["metrics"]["format"] == "awq"
     losses = manifest["metrics"]["highest_losses"]  # by full layer name, for gptq.dynamic rules
     assert len(losses) == 5 and list(losses.values()) == sorted(losses.values(), reverse=True), losses
     assert all(name.startswith("model.layers.") and name.endswith("_proj") for name in losses), losses
@@ -162,7 +169,7 @@ def test_quantease_refined_checkpoint_keeps_the_gptq_format(finished, copy_of):
     # GPTQ picks their grids from other data): QuantEase kept GPTQ's grid and changed the integer codes.
     first = [f"model.layers.0.self_attn.{m}_proj" for m in "qkv"]
     for module in first:
-        for part in ("scales", "qzeros", "g_idx"):
+        for part in ("scales", "qzeros"):
             assert torch.equal(refined[f"{module}.{part}"], plain[f"{module}.{part}"]), (module, part)
     assert any(not torch.equal(refined[f"{m}.qweight"], plain[f"{m}.qweight"]) for m in first)
     model = AutoModelForCausalLM.from_pretrained(exp / "gptq", device_map="cpu")
@@ -173,8 +180,10 @@ def test_dynamic_rules_give_modules_their_own_settings(finished, copy_of):
     from safetensors.torch import load_file
 
     exp, rerun = copy_of
-    rules = "gptq.dynamic={model.layers.1.mlp.down_proj:{bits:8},-\\:model.layers.0.mlp.down_proj:{}}"
-    rerun("stage=gptq", rules)
+    # Symmetric grids: per-module settings need the GPTQ layout, in which vLLM serves symmetric grids only.
+    rules = ["gptq.dynamic={model.layers.1.mlp.down_proj:{bits:8},-\\:model.layers.0.mlp.down_proj:{}}",
+             "gptq.sym=true"]
+    rerun("stage=gptq", *rules)
     tensors = load_file(exp / "gptq" / "model.safetensors")
     # qweight packs 32 / bits codes into each int32 along the input (256 wide for down_proj, 128 for up_proj).
     assert tensors["model.layers.1.mlp.down_proj.qweight"].shape[0] == 256 * 8 // 32
@@ -194,7 +203,7 @@ def test_dynamic_rules_give_modules_their_own_settings(finished, copy_of):
     batch = probe_batch(load_tokenizer(exp / "gptq"), exp / "train", 8)
     assert compare(probe_logits(merged, batch), probe_logits(model, batch))["argmax_agreement"] > 0.8
 
-    rerun("stage=eval", rules, "eval.artifacts=[gptq,rtn]", "eval.lm_eval.tasks=[]")  # RTN takes the same rules
+    rerun("stage=eval", *rules, "eval.artifacts=[gptq,rtn]", "eval.lm_eval.tasks=[]")  # RTN takes the same rules
     rtn = load_file(exp / "eval" / "rtn" / "model.safetensors")
     assert rtn["model.layers.1.mlp.down_proj.qweight"].shape[0] == 256 * 8 // 32
     assert "model.layers.0.mlp.down_proj.weight" in rtn
@@ -202,16 +211,41 @@ def test_dynamic_rules_give_modules_their_own_settings(finished, copy_of):
     assert all(results[name]["ppl"] < 1e4 and results[name]["kernels"] for name in ("gptq", "rtn")), results
 
 
-def test_asymmetric_grids_load_in_transformers_and_the_card_says_vllm_refuses_them(finished, copy_of):
-    from safetensors.torch import load_file
+def repack_is_lossless(gptq_dir: Path, awq_dir: Path) -> int:
+    """Repack a copy of GPTQModel's GPTQ checkpoint into `awq_dir` as the gptq stage does, and check that GPTQModel
+    dequantizes every layer of it to the very weights it dequantizes the GPTQ checkpoint to; returns the layers."""
+    shutil.copytree(gptq_dir, awq_dir)
+    awq.to_awq(awq_dir)
+    assert json.loads((awq_dir / "config.json").read_text())["quantization_config"]["quant_method"] == "awq"
+    expected, repacked = ({name: layer for name, layer in load_portable(path).named_modules()
+                           if hasattr(layer, "qweight")} for path in (gptq_dir, awq_dir))
+    assert expected.keys() == repacked.keys() and expected
+    for name, layer in expected.items():
+        assert torch.equal(dequantized(repacked[name]), dequantized(layer)), name
+    return len(expected)
+
+
+def test_asymmetric_gptq_layout_loads_in_transformers_and_repacks_to_awq_losslessly(finished, copy_of, tmp_path):
+    """gptq.format=gptq keeps GPTQModel's own layout (transformers loads it, vLLM refuses asymmetric grids in it);
+    repacked into AWQ, every weight dequantizes exactly as before, zero points of 0 and 15 included."""
+    from safetensors.torch import load_file, save_file
 
     exp, rerun = copy_of
-    rerun("stage=gptq", "gptq=asym")
-    qzeros = load_file(exp / "gptq" / "model.safetensors")["model.layers.0.mlp.down_proj.qzeros"]
-    zeros = torch.stack([(qzeros >> (4 * i)) & 0xF for i in range(8)])  # eight 4-bit zero points per int32
-    assert len(zeros.unique()) > 2, zeros.unique()  # a symmetric grid stores the same zero point (7) everywhere
+    # GPTQ's grid always spans 0: a group of inputs with only positive weights gets the zero point 0 (which GPTQ v1
+    # stores as -1, borrowing from its neighbour in the packed word), one with only negative weights 15.
+    merged = exp / "merge" / "model.safetensors"
+    tensors = load_file(merged)
+    weight = tensors["model.layers.0.mlp.down_proj.weight"]  # [128 outputs, 256 inputs]: two groups of 128
+    weight[:, :128], weight[:, 128:] = weight[:, :128].abs() + 0.02, -weight[:, 128:].abs() - 0.02
+    save_file(tensors, merged, metadata={"format": "pt"})  # the same size: the merge stays cached
+    rerun("stage=gptq", "gptq.format=gptq")
+    config = json.loads((exp / "gptq" / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "gptq" and config["sym"] is False
+    zeros = awq.gptq_zeros(load_file(exp / "gptq" / "model.safetensors")["model.layers.0.mlp.down_proj.qzeros"])
+    assert zeros[0].unique().tolist() == [0] and zeros[1].unique().tolist() == [15]
     manifest = json.loads((exp / "gptq" / "manifest.json").read_text())
-    assert not manifest["metrics"]["vllm_compatible"] and "sym=false" in manifest["metrics"]["vllm_problems"][0]
+    assert manifest["metrics"]["format"] == "gptq" and not manifest["metrics"]["vllm_compatible"]
+    assert "sym=false in the GPTQ layout" in manifest["metrics"]["vllm_problems"][0]
     card = (exp / "gptq" / "README.md").read_text()
     assert "vLLM refuses it (sym=false" in card and "vllm serve" not in card  # no command that fails
 
@@ -219,3 +253,5 @@ def test_asymmetric_grids_load_in_transformers_and_the_card_says_vllm_refuses_th
     merged = AutoModelForCausalLM.from_pretrained(exp / "merge", dtype=torch.bfloat16)
     batch = probe_batch(load_tokenizer(exp / "gptq"), exp / "train", 8)
     assert compare(probe_logits(merged, batch), probe_logits(gptq, batch))["argmax_agreement"] > 0.8
+
+    assert repack_is_lossless(exp / "gptq", tmp_path / "awq") == 14  # 2 layers x 7 linear modules

@@ -7,6 +7,7 @@ import shutil
 from functools import partial
 
 import pytest
+from safetensors import safe_open
 
 from pipeline import card
 from pipeline.artifacts import read_manifest
@@ -42,8 +43,12 @@ def test_full_chain_writes_every_artifact(finished):
     assert manifests["merge"]["metrics"]["check"]["argmax_agreement"] == 1.0
 
     gptq = json.loads((exp / "gptq" / "config.json").read_text())["quantization_config"]
-    assert gptq["quant_method"] == "gptq" and gptq["bits"] == 4 and gptq["desc_act"] is False
+    # Asymmetric grids (the default), in the AWQ layout vLLM serves them in: zero points, no g_idx.
+    assert gptq["quant_method"] == "awq" and gptq["bits"] == 4 and gptq["zero_point"] is True
+    assert gptq["version"] == "gemm" and gptq["desc_act"] is False and "sym" not in gptq
     assert gptq["group_size"] == 128  # the largest auto size dividing the tiny model's 128 and 256 inputs
+    tensors = safe_open(exp / "gptq" / "model.safetensors", "pt").keys()
+    assert "model.layers.0.mlp.down_proj.qzeros" in tensors and not [name for name in tensors if "g_idx" in name]
     assert manifests["gptq"]["metrics"]["vllm_compatible"] is True
     assert manifests["gptq"]["upstream"]["merge"] == manifests["merge"]["fingerprint"]
 

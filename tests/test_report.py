@@ -101,8 +101,9 @@ def test_model_card_describes_the_gptq_checkpoint(finished):
         assert section in body, section
     for name in ARTIFACTS:
         assert f"| {name} |" in body, name
-    # bits, group size, method, group ranges (mse=null: min/max on CPU), desc_act, sym of the tiny checkpoint
-    assert "| 4 | 128 | gptq | min/max | False | True |" in body
+    # bits, group size, method, group ranges (mse=null: min/max on CPU), desc_act, sym, layout of the tiny checkpoint
+    assert "| 4 | 128 | gptq | min/max | False | False | awq |" in body
+    assert "GPTQ's weights in the AWQ layout (`quant_method: awq`" in body and "awq" in metadata["tags"]
     assert "Merge check against NF4 base + adapter, exact" in body
 
 

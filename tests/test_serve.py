@@ -1,9 +1,11 @@
-"""serve: the real vLLM OpenAI server on the tiny GPTQ checkpoint, real requests, and no server left behind, also
-when the pipeline is killed while serving."""
+"""serve: the real vLLM OpenAI server on the tiny checkpoints (the default's asymmetric grids in the AWQ layout, and
+symmetric ones in the GPTQ layout), real requests, and no server left behind, also when the pipeline is killed while
+serving."""
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -51,6 +53,9 @@ def test_serve_answers_through_vllm_like_transformers(vllm_here, copy_of):
 
     served = json.loads((exp / "serve" / "serve.json").read_text())
     assert served["task_examples"] == 8 and len(served["answers"]) == 8
+    # The default's asymmetric grids, which vLLM serves in the AWQ layout only.
+    assert read_manifest(exp / "gptq")["metrics"]["format"] == "awq"
+    assert re.search(r"quantization=(auto_)?awq,", (exp / "serve" / "server.log").read_text())
     assert served["server"]["vllm"].startswith("vllm")
     # Same checkpoint, same greedy decoding, same chat template: the server answers as transformers does.
     assert served["agreement_with_transformers"] >= 0.75, served["answers"]
@@ -72,14 +77,16 @@ def test_killed_pipeline_takes_the_server_down(vllm_here, finished, tmp_path):
     mine = tmp_path / "outputs"
     shutil.copytree(out, mine, symlinks=True)
     log_dir = mine / "default" / "logs"
+    # Symmetric grids, in the GPTQ layout: the server is ready once vLLM has loaded them.
     proc = subprocess.Popen([sys.executable, "-m", "pipeline", *overrides, *SMALL, f"output_dir={mine}",
-                             "stage=serve"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             "stage=serve", "gptq.sym=true"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 600
     while time.time() < deadline and proc.poll() is None:
         if any("serve: server ready" in log.read_text() for log in log_dir.glob("*.log")):
             break
         time.sleep(0.5)
     checkpoint = (mine / "default" / "gptq").resolve()
+    assert json.loads((checkpoint / "config.json").read_text())["quantization_config"]["quant_method"] == "gptq"
     assert servers(checkpoint), "the server was up"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
@@ -106,11 +113,11 @@ def test_a_serve_max_model_len_too_short_for_the_prompts_is_refused_before_servi
 def test_a_checkpoint_vllm_refuses_is_not_served_and_says_why():
     why = missing(compose_config("serve.enabled=true", "gptq.bits=3"))
     assert why and "bits=3" in why, why
-    assert "sym=false" in missing(compose_config("serve.enabled=true", "gptq.sym=false"))
+    assert "sym=false in the GPTQ layout" in missing(compose_config("serve.enabled=true", "gptq.format=gptq"))
     if not torch.cuda.is_available():  # vLLM's CPU build fails to start on 8-bit GPTQ layers: say so up front
         eight_bit_layer = "gptq.dynamic={model.layers.11.mlp.down_proj:{bits:8}}"
-        assert "bits=8: vLLM's GPTQ kernels take 4 bits on CPU" in missing(compose_config("serve.enabled=true",
-                                                                                          eight_bit_layer))
+        assert "bits=8: vLLM's GPTQ kernels take 4 bits on CPU" in missing(compose_config(
+            "serve.enabled=true", "gptq.sym=true", eight_bit_layer))
 
 
 def test_without_vllm_the_run_completes_and_says_not_served(copy_of):

@@ -1,8 +1,9 @@
-"""gptq: re-quantize the merged 16-bit checkpoint with GPTQModel and save a standard GPTQ checkpoint.
+"""gptq: re-quantize the merged 16-bit checkpoint with GPTQModel, and save it in the layout gptq.format names.
 
-The stage directory is the checkpoint (config.json with quant_method gptq, safetensors with qweight/qzeros/
-scales/g_idx, tokenizer): `AutoModelForCausalLM.from_pretrained(<exp>/gptq)` loads it, and so does vLLM when
-the manifest's `vllm_compatible` is true.
+The stage directory is the checkpoint (config.json with its quantization config, safetensors, tokenizer): GPTQModel's
+GPTQ layout (quant_method gptq: qweight/qzeros/scales/g_idx), or the same weights repacked into the AWQ layout
+(quant_method awq, pipeline/awq.py), in which vLLM serves asymmetric grids. `AutoModelForCausalLM.from_pretrained(
+<exp>/gptq)` loads either, and so does vLLM when the manifest's `vllm_compatible` is true.
 """
 from __future__ import annotations
 
@@ -17,8 +18,8 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from .. import quantease
-from ..config import Config, ConfigError, GPTQConfig
+from .. import awq, quantease
+from ..config import Config, ConfigError, GPTQConfig, checkpoint_format
 from ..data import calibration_windows, read_jsonl
 from ..models import device, load_gptq, load_tokenizer, meta_model, quantized_kernels
 
@@ -81,8 +82,10 @@ def check_rules_match(g: GPTQConfig, linears: dict[str, int]) -> None:
 def settings_problems(g: GPTQConfig, on_cpu: bool = False) -> list[str]:
     """What in the GPTQ settings alone (the stage's and each gptq.dynamic rule's) makes a checkpoint vLLM refuses
     (`on_cpu`: vLLM's CPU build). Its GPTQ layers run on Marlin kernels, which take 4- and 8-bit (on CPU: 4-bit)
-    symmetric grids in static order only."""
+    grids in static order, symmetric ones only in the GPTQ layout: asymmetric ones it takes as AWQ (4-bit, static
+    order, as gptq.format=awq is validated)."""
     problems, served_bits = [], (4,) if on_cpu else (4, 8)
+    gptq_layout = checkpoint_format(g) == "gptq"
     rules = {"": {"bits": g.bits, "sym": g.sym, "desc_act": g.desc_act}}
     rules |= {f"gptq.dynamic[{pattern!r}]: ": rule for pattern, rule in (dynamic_rules(g) or {}).items()
               if not pattern.startswith("-:")}
@@ -92,8 +95,10 @@ def settings_problems(g: GPTQConfig, on_cpu: bool = False) -> list[str]:
         if rule.get("bits", 4) not in served_bits:
             problems.append(f"{where}bits={rule['bits']}: vLLM's GPTQ kernels take "
                             f"{' or '.join(map(str, served_bits))} bits{' on CPU' if on_cpu else ''}")
-        if rule.get("sym") is False:
-            problems.append(f"{where}sym=false: vLLM's GPTQ kernels take symmetric grids only")
+        if rule.get("sym") is False and gptq_layout:
+            problems.append(f"{where}sym=false in the GPTQ layout: vLLM takes symmetric grids only there "
+                            "(gptq.sym=true), asymmetric ones in the AWQ layout (gptq.format=auto or awq: 4 bits, "
+                            "no gptq.dynamic rules, no desc_act)")
     return problems
 
 
@@ -233,13 +238,18 @@ def run(cfg: Config, work: Path, inputs: dict[str, Path]) -> dict:
     refinement = (quantease.refining_gptq(g.refine_sweeps, g.damp_percent, errors) if g.refine == "quantease"
                   else contextlib.nullcontext())
     quantize(cfg, merged, work, quant_config, calibration, refinement)
+    layout = checkpoint_format(g)
+    if layout == "awq":
+        awq.to_awq(work)
+        log.info("gptq: repacked GPTQModel's checkpoint into the AWQ layout (gptq.format=%s): the same weights, in "
+                 "the layout vLLM serves asymmetric grids in", g.format)
 
     losses = highest_losses(work, linears)
     if losses:
         log.info("gptq: the highest losses: %s (gptq.dynamic can give such layers more bits; README, GPTQ levers)",
                  ", ".join(f"{name} {loss:.3g}" for name, loss in losses.items()))
-    result = {"group_size": group_size, "act_group_aware": quant_config.act_group_aware, "mse": mse,
-              "calibration_windows": len(windows), "layer_in_features": sorted(set(linears.values())),
+    result = {"format": layout, "group_size": group_size, "act_group_aware": quant_config.act_group_aware,
+              "mse": mse, "calibration_windows": len(windows), "layer_in_features": sorted(set(linears.values())),
               "vllm_compatible": not problems, "vllm_problems": problems, "kernel": kernel_name(work),
               "highest_losses": losses}
     if errors:

@@ -1,4 +1,5 @@
-"""serve: run the GPTQ checkpoint in vLLM's OpenAI-compatible server and check what a deployment does.
+"""serve: run the gptq stage's checkpoint (GPTQ or AWQ layout) in vLLM's OpenAI-compatible server and check what a
+deployment does.
 
 The server runs as a child process on 127.0.0.1 (a free port), from the Python that has vLLM (`serve.python`:
 its own venv by default, since vLLM pins torch and transformers versions of its own), with its output in
