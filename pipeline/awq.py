@@ -79,7 +79,8 @@ def awq_quantization_config(gptq: dict) -> dict:
 def to_awq(checkpoint: Path) -> None:
     """Rewrite GPTQModel's GPTQ checkpoint in `checkpoint` in the AWQ layout, shard by shard (each tensor repacks on
     its own), with its index and both copies of the quantization config."""
-    from safetensors.torch import load_file, save_file
+    from safetensors import safe_open
+    from safetensors.torch import save_file
 
     config = json.loads((checkpoint / "config.json").read_text())
     gptq = config["quantization_config"]
@@ -89,12 +90,12 @@ def to_awq(checkpoint: Path) -> None:
                          f"dynamic {gptq.get('dynamic')})")
     dropped: dict[str, int] = {}  # name -> bytes
     for shard in sorted(checkpoint.glob("*.safetensors")):
-        tensors = load_file(shard)
+        with safe_open(shard, "pt") as f:
+            tensors, metadata = {name: f.get_tensor(name) for name in f.keys()}, f.metadata()
         repacked = {name: repack_tensor(name, tensor, gptq["group_size"]) for name, tensor in tensors.items()}
         dropped |= {name: tensors[name].nbytes for name, tensor in repacked.items() if tensor is None}
         partial = shard.with_suffix(".partial")
-        save_file({name: tensor for name, tensor in repacked.items() if tensor is not None}, partial,
-                  metadata={"format": "pt"})
+        save_file({name: tensor for name, tensor in repacked.items() if tensor is not None}, partial, metadata)
         os.replace(partial, shard)
     index = checkpoint / "model.safetensors.index.json"
     if index.is_file():

