@@ -61,7 +61,8 @@ def repack_tensor(name: str, tensor: torch.Tensor, group_size: int) -> torch.Ten
     if kind == "qzeros":
         return pack_awq(gptq_zeros(tensor))
     if kind == "g_idx":
-        if not torch.equal(tensor.long(), torch.arange(len(tensor)) // group_size):
+        per_group = group_size if group_size > 0 else len(tensor)  # -1: one group per output channel
+        if not torch.equal(tensor.long(), torch.arange(len(tensor)) // per_group):
             raise ValueError(f"{name}: the input columns are not in natural group order (dynamic act-order, "
                              "desc_act=true): AWQ cannot hold that checkpoint")
         return None
@@ -71,7 +72,7 @@ def repack_tensor(name: str, tensor: torch.Tensor, group_size: int) -> torch.Ten
 def awq_quantization_config(gptq: dict) -> dict:
     """GPTQModel's quantization config of the checkpoint as it describes an AWQ one (as GPTQModel's own AWQ
     quantizer writes it: `zero_point` and `version` instead of `sym` and a GPTQ format), its provenance kept."""
-    config = {key: value for key, value in gptq.items() if key not in ("sym", "dynamic")}
+    config = {key: value for key, value in gptq.items() if key != "sym"}
     return config | {"quant_method": "awq", "method": "awq", "format": "gemm", "checkpoint_format": "gemm",
                      "version": "gemm", "zero_point": True}
 

@@ -211,6 +211,25 @@ def test_dynamic_rules_give_modules_their_own_settings(finished, copy_of):
     assert all(results[name]["ppl"] < 1e4 and results[name]["kernels"] for name in ("gptq", "rtn")), results
 
 
+def test_packing_of_both_layouts_on_codes_of_every_value():
+    """GPTQ v1 packs inputs down a column and zero points minus one across a row, one packed word at a time (a zero
+    point of 0 borrows from the next nibble); AWQ packs eight outputs a word in the nibble order vLLM unpacks with
+    (its reverse order 0, 4, 1, 5, 2, 6, 3, 7 takes nibbles back to columns)."""
+    codes, zeros = torch.arange(64 * 16).view(64, 16) % 16, torch.arange(2 * 16).view(2, 16) % 16  # 0 to 15 each
+    shifts = torch.arange(0, 32, 4)
+
+    def as_int32(words):
+        return torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32)
+    qweight = as_int32((codes.view(8, 8, 16) << shifts[None, :, None]).sum(1))
+    qzeros = as_int32((zeros.view(2, 2, 8) << shifts).sum(-1) - awq.V1_ZERO_OFFSET)
+    assert torch.equal(awq.gptq_codes(qweight), codes) and torch.equal(awq.gptq_zeros(qzeros), zeros)
+    per_nibble = (awq.unpack(qzeros).reshape(2, 16) + 1) & 0xF
+    assert not torch.equal(per_nibble, zeros)  # what the per-word offset is for
+    for packed, plain in ((awq.pack_awq(codes), codes), (awq.pack_awq(zeros), zeros)):
+        assert packed.dtype == torch.int32 and packed.shape == (len(plain), 2)
+        assert torch.equal(awq.unpack(packed)[..., [0, 4, 1, 5, 2, 6, 3, 7]].reshape(plain.shape), plain)
+
+
 def repack_is_lossless(gptq_dir: Path, awq_dir: Path) -> int:
     """Repack a copy of GPTQModel's GPTQ checkpoint into `awq_dir` as the gptq stage does, and check that GPTQModel
     dequantizes every layer of it to the very weights it dequantizes the GPTQ checkpoint to; returns the layers."""
