@@ -198,7 +198,9 @@ def serving(served: dict, not_run: dict[str, str]) -> list[str]:
                 "Served (vLLM): not served (stage=serve did not run)."]
     def share(key: str) -> str:
         return _cell(served[key], None, ".1%", ratio=False)
-    lines = [f"Served (vLLM, {served['server']['vllm']}): task accuracy {share('task_accuracy')} through the server "
+    layout = served["server"].get("layout")  # serve.json from before it was recorded has none
+    lines = [f"Served (vLLM, {served['server']['vllm']}{f', {layout.upper()} layout' if layout else ''}): task "
+             f"accuracy {share('task_accuracy')} through the server "
              f"vs {share('transformers_task_accuracy')} with transformers on the same checkpoint; the answers agree "
              f"on {share('agreement_with_transformers')} of {served['task_examples']} prompts. Its row above: "
              f"prefill is the time to first token and decode the streamed output tok/s of one request at a time.",

@@ -69,6 +69,7 @@ def test_serve_answers_through_vllm_like_transformers(vllm_here, copy_of):
     assert manifest["metrics"]["agreement_with_transformers"] == served["agreement_with_transformers"]
     report = (exp / "report.md").read_text()
     assert "| gptq (vLLM) |" in report and "| concurrency | requests | output tok/s |" in report
+    assert "Served (vLLM, vllm" in report and ", AWQ layout): task accuracy" in report
     assert not servers(exp / "gptq") and not servers((exp / "gptq").resolve()), "the server was stopped"
 
 

@@ -32,7 +32,7 @@ import torch
 
 from ..config import Config, ConfigError, ServeConfig
 from ..data import read_jsonl, task_chats
-from ..models import load_gptq, load_tokenizer
+from ..models import load_gptq, load_tokenizer, quantization_config
 from ..quality import answer_scores, generate_answers
 from . import StageUnavailable
 from .gptq import settings_problems
@@ -240,7 +240,8 @@ def run(cfg: Config, work: Path, inputs: dict[str, Path]) -> dict:
     truth = [chat[-1]["content"].strip() for chat in chats]
     scores = answer_scores(served, truth)
     report = {
-        "server": {"python": python, "vllm": vllm_version(python), "max_model_len": s.max_model_len},
+        "server": {"python": python, "vllm": vllm_version(python), "max_model_len": s.max_model_len,
+                   "layout": quantization_config(checkpoint)["quant_method"]},
         "task_examples": len(chats),
         "task_accuracy": scores["accuracy"],
         "task_similarity": scores["similarity"],
