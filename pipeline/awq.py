@@ -77,6 +77,21 @@ def awq_quantization_config(gptq: dict) -> dict:
                      "version": "gemm", "zero_point": True}
 
 
+def activation_scales(model_type: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The MLP activation scales AWQ readers expect in some families (AutoAWQ folds part of its scaling into the
+    activation there; transformers' AWQ_SCALES_MAPPINGS lists them, GPT-NeoX among them): ones, since GPTQ scaled
+    nothing. Without them transformers leaves the scales uninitialized and the model computes NaN."""
+    from transformers.integrations.awq import AWQ_SCALES_MAPPINGS
+
+    mapping = AWQ_SCALES_MAPPINGS.get(model_type)
+    if mapping is None:
+        return {}
+    suffix = f".{mapping['layer_before_act']}.qweight"
+    return {f"{name.removesuffix(suffix)}.{mapping['act']}.scales":
+            torch.ones(tensor.shape[1], dtype=tensors[name.removesuffix("qweight") + "scales"].dtype)
+            for name, tensor in tensors.items() if name.endswith(suffix)}
+
+
 def to_awq(checkpoint: Path) -> None:
     """Rewrite GPTQModel's GPTQ checkpoint in `checkpoint` in the AWQ layout, shard by shard (each tensor repacks on
     its own), with its index and both copies of the quantization config."""
@@ -90,20 +105,26 @@ def to_awq(checkpoint: Path) -> None:
                          f"to AWQ (bits {gptq['bits']}, format {gptq.get('checkpoint_format')}, "
                          f"dynamic {gptq.get('dynamic')})")
     dropped: dict[str, int] = {}  # name -> bytes
+    weight_map: dict[str, str] = {}  # added tensors -> their shard
+    added_bytes = 0
     for shard in sorted(checkpoint.glob("*.safetensors")):
         with safe_open(shard, "pt") as f:
             tensors, metadata = {name: f.get_tensor(name) for name in f.keys()}, f.metadata()
         repacked = {name: repack_tensor(name, tensor, gptq["group_size"]) for name, tensor in tensors.items()}
         dropped |= {name: tensors[name].nbytes for name, tensor in repacked.items() if tensor is None}
+        added = activation_scales(config["model_type"], tensors)
+        repacked |= added
+        weight_map |= {name: shard.name for name in added}
+        added_bytes += sum(tensor.nbytes for tensor in added.values())
         partial = shard.with_suffix(".partial")
         save_file({name: tensor for name, tensor in repacked.items() if tensor is not None}, partial, metadata)
         os.replace(partial, shard)
     index = checkpoint / "model.safetensors.index.json"
     if index.is_file():
         contents = json.loads(index.read_text())
-        contents["weight_map"] = {k: v for k, v in contents["weight_map"].items() if k not in dropped}
+        contents["weight_map"] = {k: v for k, v in contents["weight_map"].items() if k not in dropped} | weight_map
         if "total_size" in contents.get("metadata", {}):
-            contents["metadata"]["total_size"] -= sum(dropped.values())
+            contents["metadata"]["total_size"] += added_bytes - sum(dropped.values())
         index.write_text(json.dumps(contents, indent=2) + "\n")
     config["quantization_config"] = awq_quantization_config(gptq)
     (checkpoint / "config.json").write_text(json.dumps(config, indent=2) + "\n")

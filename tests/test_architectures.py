@@ -34,6 +34,7 @@ def test_stage_all_on_another_architecture(tmp_path, architecture, chat_template
     assert check["mode"].startswith("exact") and check["argmax_agreement"] == 1.0, check
     # The default asymmetric grids, repacked into the AWQ layout: transformers loads them for eval, bench and below.
     assert json.loads((exp / "gptq" / "config.json").read_text())["quantization_config"]["quant_method"] == "awq"
+    # GPT-NeoX's AWQ readers also take activation scales (pipeline/awq.py): without them its perplexity was NaN.
     evaluation = json.loads((exp / "eval" / "eval.json").read_text())["artifacts"]
     assert evaluation["gptq"]["ppl"] < 1.5 * evaluation["merged"]["ppl"], evaluation
 
