@@ -77,19 +77,32 @@ def awq_quantization_config(gptq: dict) -> dict:
                      "version": "gemm", "zero_point": True}
 
 
-def activation_scales(model_type: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def activation_scales(model_type: str, outputs: dict[str, int], dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """The MLP activation scales AWQ readers expect in some families (AutoAWQ folds part of its scaling into the
     activation there; transformers' AWQ_SCALES_MAPPINGS lists them, GPT-NeoX among them): ones, since GPTQ scaled
-    nothing. Without them transformers leaves the scales uninitialized and the model computes NaN."""
+    nothing. Without them transformers leaves the scales uninitialized and the model computes NaN. `outputs`: each
+    quantized layer's output size, by its qweight's name."""
     from transformers.integrations.awq import AWQ_SCALES_MAPPINGS
 
     mapping = AWQ_SCALES_MAPPINGS.get(model_type)
     if mapping is None:
         return {}
     suffix = f".{mapping['layer_before_act']}.qweight"
-    return {f"{name.removesuffix(suffix)}.{mapping['act']}.scales":
-            torch.ones(tensor.shape[1], dtype=tensors[name.removesuffix("qweight") + "scales"].dtype)
-            for name, tensor in tensors.items() if name.endswith(suffix)}
+    return {f"{name.removesuffix(suffix)}.{mapping['act']}.scales": torch.ones(size, dtype=dtype)
+            for name, size in outputs.items() if name.endswith(suffix)}
+
+
+def scales_dtype(shards: list[Path]) -> torch.dtype:
+    """The dtype of the layers' scales, from the first shard that holds some (a layer's qweight and scales may be in
+    two shards, so each shard's activation scales cannot take it from their own)."""
+    from safetensors import safe_open
+
+    for shard in shards:
+        with safe_open(shard, "pt") as f:
+            name = next((name for name in f.keys() if name.endswith(".scales")), None)
+            if name:
+                return f.get_slice(name)[:1].dtype  # one row read
+    raise ValueError(f"no quantized layer's scales in {[shard.name for shard in shards]}")
 
 
 def to_awq(checkpoint: Path) -> None:
@@ -107,12 +120,15 @@ def to_awq(checkpoint: Path) -> None:
     dropped: dict[str, int] = {}  # name -> bytes
     weight_map: dict[str, str] = {}  # added tensors -> their shard
     added_bytes = 0
-    for shard in sorted(checkpoint.glob("*.safetensors")):
+    shards = sorted(checkpoint.glob("*.safetensors"))
+    dtype = scales_dtype(shards)
+    for shard in shards:
         with safe_open(shard, "pt") as f:
             tensors, metadata = {name: f.get_tensor(name) for name in f.keys()}, f.metadata()
         repacked = {name: repack_tensor(name, tensor, gptq["group_size"]) for name, tensor in tensors.items()}
         dropped |= {name: tensors[name].nbytes for name, tensor in repacked.items() if tensor is None}
-        added = activation_scales(config["model_type"], tensors)
+        added = activation_scales(config["model_type"], {name: tensor.shape[1] for name, tensor in tensors.items()
+                                                         if name.endswith(".qweight")}, dtype)
         repacked |= added
         weight_map |= {name: shard.name for name in added}
         added_bytes += sum(tensor.nbytes for tensor in added.values())

@@ -230,6 +230,55 @@ def test_packing_of_both_layouts_on_codes_of_every_value():
         assert torch.equal(awq.unpack(packed)[..., [0, 4, 1, 5, 2, 6, 3, 7]].reshape(plain.shape), plain)
 
 
+def test_repack_of_a_sharded_checkpoint_keeps_its_index_true(tmp_path):
+    """A large model's checkpoint comes in shards, and one layer's tensors may be split between two: each tensor is
+    repacked in its own shard, GPT-NeoX's activation scales (AWQ readers expect them) land next to their layer's
+    qweight with the scales' dtype, and the index names every tensor where it is, with the new total size."""
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(0)
+    prefix = "gpt_neox.layers.0.mlp."
+    layers = {"dense_h_to_4h": (64, 32), "dense_4h_to_h": (32, 64)}  # inputs, outputs; groups of 32 inputs
+    tensors = {}
+
+    def words(*shape):
+        return torch.randint(-2 ** 31, 2 ** 31, shape, dtype=torch.int32)
+
+    for layer, (inputs, outputs) in layers.items():
+        tensors |= {f"{prefix}{layer}.qweight": words(inputs // 8, outputs),
+                    f"{prefix}{layer}.qzeros": words(inputs // 32, outputs // 8),
+                    f"{prefix}{layer}.scales": torch.rand(inputs // 32, outputs, dtype=torch.float16),
+                    f"{prefix}{layer}.g_idx": torch.arange(inputs, dtype=torch.int32) // 32}
+    first = {f"{prefix}dense_h_to_4h.qweight", f"{prefix}dense_4h_to_h.scales"}  # each split from its layer
+    shards = {"model-00001-of-00002.safetensors": {k: v for k, v in tensors.items() if k in first},
+              "model-00002-of-00002.safetensors": {k: v for k, v in tensors.items() if k not in first}}
+    for shard, contents in shards.items():
+        save_file(contents, tmp_path / shard, {"format": "pt"})
+    index = {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())},
+             "weight_map": {name: shard for shard, contents in shards.items() for name in contents}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    quantization = {"quant_method": "gptq", "bits": 4, "group_size": 32, "sym": False, "desc_act": False,
+                    "checkpoint_format": "gptq"}
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt_neox", "quantization_config": quantization}))
+
+    awq.to_awq(tmp_path)
+    written = {shard: load_file(tmp_path / shard) for shard in shards}
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert index["weight_map"] == {name: shard for shard, contents in written.items() for name in contents}
+    assert index["metadata"]["total_size"] == sum(t.nbytes for c in written.values() for t in c.values())
+    activation = written["model-00001-of-00002.safetensors"][f"{prefix}act.scales"]  # beside dense_h_to_4h.qweight
+    assert activation.dtype == torch.float16 and torch.equal(activation, torch.ones(32, dtype=torch.float16))
+    assert not any(name.endswith("g_idx") for name in index["weight_map"])
+    for layer, (inputs, outputs) in layers.items():
+        name = f"{prefix}{layer}."
+        shard = index["weight_map"][name + "qweight"]
+        codes = awq.unpack(written[shard][name + "qweight"])[..., [0, 4, 1, 5, 2, 6, 3, 7]].reshape(inputs, outputs)
+        assert torch.equal(codes, awq.gptq_codes(tensors[name + "qweight"]))
+        assert torch.equal(written[index["weight_map"][name + "scales"]][name + "scales"], tensors[name + "scales"])
+    config = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "awq" and config["zero_point"] and config["version"] == "gemm"
+
+
 def repack_is_lossless(gptq_dir: Path, awq_dir: Path) -> int:
     """Repack a copy of GPTQModel's GPTQ checkpoint into `awq_dir` as the gptq stage does, and check that GPTQModel
     dequantizes every layer of it to the very weights it dequantizes the GPTQ checkpoint to; returns the layers."""
