@@ -142,8 +142,8 @@ class GPTQConfig:
     # None picks the largest of 128/64/32 that divides every layer's input size (what vLLM needs).
     group_size: Optional[int] = None
     desc_act: bool = False  # vLLM refuses dynamic act-order checkpoints
-    # Asymmetric grids (a zero point per group): the lower perplexity for the same bytes and time (README, GPTQ
-    # levers). vLLM serves them in the AWQ layout only (gptq.format).
+    # Asymmetric grids (a zero point per group): the lower perplexity for the same bytes and time (docs/gptq.md,
+    # Levers). vLLM serves them in the AWQ layout only (gptq.format).
     sym: bool = False
     # The checkpoint's layout: gptq (GPTQModel's own; vLLM refuses it with sym=false), awq (repacked from it, no
     # weight changed; 4 bits, static order, no gptq.dynamic rules), or auto: awq where the grids are asymmetric

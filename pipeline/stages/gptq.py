@@ -129,13 +129,13 @@ def vllm_problems(g: GPTQConfig, group_size: int, linears: dict[str, int]) -> li
 
 def mse_exponent(g: GPTQConfig) -> float:
     """gptq.mse with null resolved: the MSE range search on a GPU; min/max on CPU, where GPTQModel's search more
-    than doubles the stage's time (README, GPTQ levers)."""
+    than doubles the stage's time (docs/gptq.md, Levers)."""
     if g.mse is not None:
         return g.mse
     if device().type == "cuda":
         return 2.4
     log.info("gptq: min/max group ranges on CPU (gptq.mse=null); gptq.mse=2.4 searches them as on a GPU: "
-             "better (README, GPTQ levers), and minutes slower here")
+             "better (docs/gptq.md, Levers), and minutes slower here")
     return 0.0
 
 
@@ -246,7 +246,7 @@ def run(cfg: Config, work: Path, inputs: dict[str, Path]) -> dict:
 
     losses = highest_losses(work, linears)
     if losses:
-        log.info("gptq: the highest losses: %s (gptq.dynamic can give such layers more bits; README, GPTQ levers)",
+        log.info("gptq: the highest losses: %s (gptq.dynamic can give such layers more bits; docs/gptq.md, Levers)",
                  ", ".join(f"{name} {loss:.3g}" for name, loss in losses.items()))
     result = {"format": layout, "group_size": group_size, "act_group_aware": quant_config.act_group_aware,
               "mse": mse, "calibration_windows": len(windows), "layer_in_features": sorted(set(linears.values())),
