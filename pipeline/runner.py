@@ -122,6 +122,7 @@ def build(cfg: Config, artifact: StageDir, upstream: dict[str, StageDir], togeth
         start = time.perf_counter()
         with memory.peak() as peak:
             metrics = module.run(cfg, work, {up: a.path for up, a in upstream.items()})
+        memory.release_freed_heap()  # the next stage starts without this one's freed heap
         seconds = time.perf_counter() - start
         log.info("%s: peak memory %s", artifact.stage,
                  ", ".join(f"{key.removesuffix('_bytes')} {value / 2**30:.2f} GiB" for key, value in peak.items()))
