@@ -259,6 +259,16 @@ class ServeConfig:
 
 
 @dataclass
+class MemoryConfig:
+    """What the stages may use of this machine: the plan (pipeline/plan.py) checks every stage against it, and eval
+    and bench place each artifact within it (across GPUs, then offloading to CPU)."""
+    # Per device, in accelerate's max_memory syntax: {"0": "70GiB", "1": "70GiB", "cpu": "200GiB"}. A device not
+    # named: what is free on it when the run starts (host: see memory.host_budget), less `headroom`.
+    max_memory: Dict[str, Any] = field(default_factory=dict)
+    headroom: float = 0.1  # fraction of each device's free memory kept back (CUDA context, fragmentation)
+
+
+@dataclass
 class PushConfig:
     # Upload the GPTQ checkpoint and its model card to this hub repo at the end of the run (needs HF_TOKEN).
     repo_id: Optional[str] = None
@@ -293,6 +303,7 @@ class Config:
     force: bool = False
     seed: int = 0
     debug: bool = False  # full tracebacks for user errors too
+    plan: bool = False  # print the memory plan of the run and exit
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     base: BaseConfig = field(default_factory=BaseConfig)
@@ -304,6 +315,7 @@ class Config:
     serve: ServeConfig = field(default_factory=ServeConfig)
     push: PushConfig = field(default_factory=PushConfig)
     lock: LockConfig = field(default_factory=LockConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
     resources: Dict[str, Resources] = field(default_factory=dict)  # per stage, and "all", for SLURM jobs
 
 
@@ -404,6 +416,11 @@ def validate(cfg: Any) -> None:
     _check(cfg.model.dtype in DTYPES, "model.dtype", f"one of {DTYPES}", cfg.model.dtype)
     _check(cfg.merge.dtype in DTYPES, "merge.dtype", f"one of {DTYPES}", cfg.merge.dtype)
     _check(cfg.base.compute_dtype in DTYPES, "base.compute_dtype", f"one of {DTYPES}", cfg.base.compute_dtype)
+    _check(0 <= cfg.memory.headroom < 1, "memory.headroom", "a fraction from 0 to below 1", cfg.memory.headroom)
+    for device_key, size in cfg.memory.max_memory.items():
+        _check(str(device_key) == "cpu" or str(device_key).isdigit(), f"memory.max_memory.{device_key}",
+               "a GPU index or cpu as the key", device_key)
+        _check(shard_bytes(size) is not None, f"memory.max_memory.{device_key}", 'a size such as "70GiB"', size)
     _check(cfg.base.quant_type in ("nf4", "fp4"), "base.quant_type", "nf4 or fp4", cfg.base.quant_type)
     _check(cfg.base.quant_storage in ("uint8",) + DTYPES, "base.quant_storage", f"uint8 or one of {DTYPES}",
            cfg.base.quant_storage)

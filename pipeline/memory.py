@@ -71,3 +71,74 @@ def release_freed_heap() -> None:
         _libc().malloc_trim(0)
     except (OSError, AttributeError, TypeError):
         pass
+
+
+def _status_bytes(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def _cgroup_limit() -> int | None:
+    """The memory limit of this process's cgroup (v2 `memory.max`, v1 `hierarchical_memory_limit`, which takes the
+    parents' limits into account), as a SLURM job's --mem sets it; None when unlimited or unknown."""
+    limits = []
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":  # v2: the limits of this group and every group above it
+            group = Path("/sys/fs/cgroup") / path.lstrip("/")
+            for folder in [group, *group.parents]:
+                value = folder / "memory.max"
+                if value.is_file() and value.read_text().strip() != "max":
+                    limits.append(int(value.read_text()))
+                if folder == Path("/sys/fs/cgroup"):
+                    break
+        elif "memory" in controllers.split(","):
+            stat = Path("/sys/fs/cgroup/memory") / path.lstrip("/") / "memory.stat"
+            if stat.is_file():
+                for entry in stat.read_text().splitlines():
+                    if entry.startswith("hierarchical_memory_limit "):
+                        limits.append(int(entry.split()[1]))
+    limits = [limit for limit in limits if limit < 2**60]  # "no limit" reads as about 2**63
+    return min(limits) if limits else None
+
+
+def host_budget() -> tuple[int, str]:
+    """How many bytes this process may hold resident, and what sets that: the least of the memory the kernel says
+    is available (plus what this process holds already), the cgroup limit, and the room left under RLIMIT_AS and
+    RLIMIT_DATA (a limit on address space: what this process maps from now on, counted as resident)."""
+    resident = _status_bytes("VmRSS")
+    meminfo = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+    candidates = [(int(meminfo["MemAvailable"].split()[0]) * 1024 + resident, "available memory")]
+    cgroup = _cgroup_limit()
+    if cgroup is not None:
+        candidates.append((cgroup, "cgroup memory limit"))
+    for limit, field, name in ((resource.RLIMIT_AS, "VmSize", "RLIMIT_AS"), (resource.RLIMIT_DATA, "VmData",
+                                                                              "RLIMIT_DATA")):
+        soft, _ = resource.getrlimit(limit)
+        if soft != resource.RLIM_INFINITY:
+            candidates.append((resident + max(soft - _status_bytes(field), 0), name))
+    return min(candidates)
+
+
+def gpu_free() -> list[int]:
+    """Free bytes on each visible GPU."""
+    if not torch.cuda.is_available():
+        return []
+    return [torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count())]
+
+
+def budgets(max_memory: dict, headroom: float) -> dict:
+    """What each device may hold, in accelerate's max_memory form ({0: bytes, 1: bytes, "cpu": bytes}): the sizes
+    `memory.max_memory` names, else what is free less the headroom."""
+    from .config import shard_bytes
+
+    named = {("cpu" if str(key) == "cpu" else int(key)): shard_bytes(size) for key, size in max_memory.items()}
+    found = {i: int(free * (1 - headroom)) for i, free in enumerate(gpu_free())}
+    found["cpu"] = int(host_budget()[0] * (1 - headroom))
+    return {**found, **named}
