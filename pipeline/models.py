@@ -169,6 +169,17 @@ def load_causal_lm(path: str | Path, model: ModelConfig, dtype: str, quantizatio
         revision=model.revision if str(path) == model.name_or_path else None, **extra)
 
 
+def source_config(model: ModelConfig):
+    """The base model's config, read from its GGUF file, folder or hub repository (no weights)."""
+    from transformers import AutoConfig
+
+    gguf = gguf_file(model.name_or_path)
+    if gguf is not None:
+        return AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    return AutoConfig.from_pretrained(model.name_or_path, trust_remote_code=model.trust_remote_code,
+                                      revision=model.revision)
+
+
 def meta_model(path: str | Path, trust_remote_code: bool):
     """The model's modules on the meta device: every shape, no weights read or allocated."""
     from transformers import AutoConfig, AutoModelForCausalLM

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .config import ConfigError, DataConfig, ModelConfig
 from .data import load_source, local_data_files
-from .models import gguf_file, is_hub_id
+from .models import gguf_file, is_hub_id, source_config
 
 GIB = 2**30
 
@@ -48,13 +48,9 @@ def check_gptq_support(model: ModelConfig) -> None:
     """GPTQModel knows the architecture: it quantizes layer by layer along a per-architecture definition (for an
     unknown one it guesses the layer tree, which is not something to find out after training)."""
     from gptqmodel.models.auto import MODEL_MAP
-    from transformers import AutoConfig
 
-    gguf = gguf_file(model.name_or_path)
     try:
-        config = (AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name) if gguf is not None else
-                  AutoConfig.from_pretrained(model.name_or_path, trust_remote_code=model.trust_remote_code,
-                                             revision=model.revision))
+        config = source_config(model)
     except OSError:
         return  # a hub id that cannot be reached from here: the base stage reports that
     if config.model_type not in MODEL_MAP:
@@ -109,17 +105,20 @@ def check_output_dir(output_dir: str, needed_bytes: int) -> None:
                           f"{needed_bytes / GIB:.1f} GiB")
 
 
-def estimated_run_bytes(name_or_path: str) -> int:
-    """Disk a whole run writes, about three 16-bit copies of the model (source, merged, and the 4-bit ones);
-    0 when the size is unknown before download (a hub id)."""
+def source_bytes(name_or_path: str) -> int:
+    """Bytes of the base model's weight files; 0 when unknown before download (a hub id)."""
     gguf = gguf_file(name_or_path)
     if gguf is not None:
-        sixteen_bit = gguf.stat().st_size * 4  # 4-5 bit GGUF blocks -> 16-bit weights
-    elif Path(name_or_path).is_dir():
-        sixteen_bit = sum(p.stat().st_size for p in Path(name_or_path).glob("*.safetensors"))
-    else:
-        return 0
-    return 3 * sixteen_bit
+        return gguf.stat().st_size
+    if Path(name_or_path).is_dir():
+        return sum(p.stat().st_size for p in Path(name_or_path).glob("*.safetensors"))
+    return 0
+
+
+def estimated_run_bytes(name_or_path: str) -> int:
+    """Disk a whole run writes, about three 16-bit copies of the model (source, merged, and the 4-bit ones)."""
+    to_sixteen_bit = 4 if gguf_file(name_or_path) is not None else 1  # 4-5 bit GGUF blocks -> 16-bit weights
+    return 3 * to_sixteen_bit * source_bytes(name_or_path)
 
 
 def check(cfg) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from . import __version__, card, distributed, harness, memory, preflight, report
+from . import __version__, card, distributed, harness, memory, plan, preflight, report
 from .artifacts import StageDir, fingerprint
 from .config import STAGES, Config, validate
 from .data import data_identity
@@ -53,7 +53,7 @@ def fingerprints(cfg: Config) -> dict[str, str]:
     return prints
 
 
-def plan(target: str) -> list[str]:
+def stages_for(target: str) -> list[str]:
     """The target and everything upstream of it, in dependency order."""
     if target == "all":
         return list(STAGES)
@@ -87,18 +87,51 @@ def log_file(path: Path):
         handler.close()
 
 
+def forced_stages(cfg: Config) -> set[str]:
+    """The stages `force=true` rebuilds: every stage with stage=all, else the named one."""
+    if not cfg.force:
+        return set()
+    return set(STAGES) if cfg.stage == "all" else {cfg.stage}
+
+
+def memory_plan(cfg: Config) -> dict[str, dict]:
+    """The predicted peak of each stage this run will build, logged as a table beside the cached ones; stops the run
+    when one cannot fit. Without a readable model config (a hub id out of reach) there is no plan: the base stage
+    says why."""
+    prints = fingerprints(cfg)
+    stages = stages_for(cfg.stage)
+    cached = {stage for stage in stages
+              if stage not in forced_stages(cfg) and StageDir(store_dir(cfg), stage, prints[stage]).is_fresh()}
+    if cached == set(stages) and not cfg.plan:
+        return {}
+    try:
+        planned, table = plan.make(cfg, stages, cached)
+    except OSError as err:
+        log.warning("memory plan: the model's config cannot be read (%s); not planned", str(err).splitlines()[0])
+        return {}
+    log.info("memory plan:\n%s", table)
+    if not cfg.plan:
+        plan.refuse_misfits(planned, cached)
+    return {row.stage: plan.predicted_bytes(row) for row in planned if row.stage not in cached}
+
+
 def run(cfg: Config) -> dict[str, dict]:
-    """Bring `cfg.stage` up to date; returns {stage: {"status", "path"}} for the stages this process saw to."""
+    """Bring `cfg.stage` up to date; returns {stage: {"status", "path"}} for the stages this process saw to.
+    With `plan=true`, logs the memory plan and returns {} having written nothing."""
     distributed.setup()
     validate(cfg)
     preflight.check(cfg)
+    predicted = memory_plan(cfg) if distributed.is_main() else {}
+    if cfg.plan:
+        return {}
     exp = experiment_dir(cfg)
     rank = "" if distributed.is_main() else f"-rank{distributed.rank()}"
     with log_file(exp / "logs" / f"{time.strftime('%Y-%m-%d_%H-%M-%S')}{rank}.log"):
-        return run_stages(cfg, exp)
+        return run_stages(cfg, exp, predicted)
 
 
-def build(cfg: Config, artifact: StageDir, upstream: dict[str, StageDir], together: bool, forced: bool) -> float | None:
+def build(cfg: Config, artifact: StageDir, upstream: dict[str, StageDir], together: bool, forced: bool,
+          predicted: dict | None) -> float | None:
     """Build one stage's artifact unless it is up to date; returns the seconds it took, None if it was cached.
 
     Rank 0 holds the artifact's lock, decides and writes; with `together`, the other ranks follow its
@@ -128,25 +161,24 @@ def build(cfg: Config, artifact: StageDir, upstream: dict[str, StageDir], togeth
                  ", ".join(f"{key.removesuffix('_bytes')} {value / 2**30:.2f} GiB" for key, value in peak.items()))
         if main:
             artifact.commit({"config": config_slice(cfg, artifact.stage), "seconds": round(seconds, 2),
-                             "peak_memory": peak,
+                             "peak_memory": peak, "predicted_peak_memory": predicted,
                              "upstream": {up: a.fingerprint for up, a in upstream.items()}, "metrics": metrics,
                              "processes": distributed.world_size()})
         return seconds
 
 
-def run_stages(cfg: Config, exp: Path) -> dict[str, dict]:
+def run_stages(cfg: Config, exp: Path, predicted: dict[str, dict]) -> dict[str, dict]:
     prints = fingerprints(cfg)
     artifacts = {stage: StageDir(store_dir(cfg), stage, prints[stage]) for stage in STAGES}
-    forced = set(STAGES) if cfg.stage == "all" else {cfg.stage}
     main = distributed.is_main()
-    if main and "train" in plan(cfg.stage) and not artifacts["train"].is_fresh():
+    if main and "train" in stages_for(cfg.stage) and not artifacts["train"].is_fresh():
         preflight.check_data_rows(cfg.data)  # every row readable, before the base stage loads a model
-    if main and "eval" in plan(cfg.stage) and not artifacts["eval"].is_fresh():
+    if main and "eval" in stages_for(cfg.stage) and not artifacts["eval"].is_fresh():
         harness.check_tasks(cfg.eval.lm_eval)  # an unknown task name stops the run before any model loads
-    if main and "gptq" in plan(cfg.stage) and not artifacts["gptq"].is_fresh():
+    if main and "gptq" in stages_for(cfg.stage) and not artifacts["gptq"].is_fresh():
         preflight.check_gptq_support(cfg.model)  # before training a model that could not be quantized
     results: dict[str, dict] = {}
-    for stage in plan(cfg.stage):
+    for stage in stages_for(cfg.stage):
         together = stage == "train"
         if not (main or together):
             if stage in UPSTREAM["train"]:
@@ -154,7 +186,8 @@ def run_stages(cfg: Config, exp: Path) -> dict[str, dict]:
             break  # after training, rank 0 alone carries on
         upstream = {up: artifacts[up] for up in UPSTREAM[stage]}
         try:
-            seconds = build(cfg, artifacts[stage], upstream, together, cfg.force and stage in forced)
+            seconds = build(cfg, artifacts[stage], upstream, together, stage in forced_stages(cfg),
+                            predicted.get(stage))
         except StageUnavailable as why_not:
             log.warning("%s: not run: %s", stage, why_not)
             if (exp / stage).is_symlink():  # to an earlier configuration's artifact

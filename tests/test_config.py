@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from pipeline.config import ConfigError, checkpoint_format, validate
-from pipeline.runner import fingerprints, plan
+from pipeline.runner import fingerprints, stages_for
 
 from .conftest import CONF_DIR, compose_config
 
@@ -125,9 +125,9 @@ def test_fingerprints_change_only_downstream():
 
 
 def test_plan_includes_upstream_stages():
-    assert plan("merge") == ["base", "train", "merge"]
-    assert plan("all") == ["base", "train", "merge", "gptq", "eval", "bench", "serve"]
-    assert plan("serve") == ["base", "train", "merge", "gptq", "serve"]
+    assert stages_for("merge") == ["base", "train", "merge"]
+    assert stages_for("all") == ["base", "train", "merge", "gptq", "eval", "bench", "serve"]
+    assert stages_for("serve") == ["base", "train", "merge", "gptq", "serve"]
 
 
 def test_cli_reports_a_user_error_in_one_line(tmp_path):

@@ -9,6 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from pipeline.artifacts import read_manifest
+from pipeline.memory import release_freed_heap
 from pipeline.models import load_tokenizer
 from pipeline.quality import generate_answers
 from pipeline.runner import run
@@ -16,6 +17,7 @@ from pipeline.runner import run
 from .conftest import compose_config
 from .test_gptq import repack_is_lossless
 from .test_merge import merged_in_memory
+from .test_pipeline import assert_predicted_within
 
 
 def test_base_and_merge_stages_on_the_embedded_default(tmp_path):
@@ -34,6 +36,7 @@ def test_base_and_merge_stages_on_the_embedded_default(tmp_path):
     tokenizer = load_tokenizer(base / "nf4")
     chats = [[{"role": "user", "content": "What is the capital of France?"}, {"role": "assistant", "content": ""}]]
     assert "Paris" in generate_answers(nf4, tokenizer, chats, max_new_tokens=16)[0]
+    del nf4  # the stages below measure their peak memory in this process
 
     # A short training (lr warm from the first step, so that the adapter is not zero), then the streaming merge.
     overrides = ["train.max_steps=2", "train.warmup_steps=0", "train.batch_size=2", "data.builtin_examples=40",
@@ -45,8 +48,14 @@ def test_base_and_merge_stages_on_the_embedded_default(tmp_path):
     written = AutoModelForCausalLM.from_pretrained(tmp_path / "default" / "merge").state_dict()
     for key, tensor in expected.to(torch.bfloat16).state_dict().items():
         assert torch.equal(written[key], tensor), key
+    del expected, written
+    release_freed_heap()
 
     # The default's asymmetric grids in GPTQModel's layout (a short calibration), and their AWQ repack, which vLLM
     # serves: every one of its 210 layers dequantizes as GPTQModel dequantizes the GPTQ checkpoint.
     run(compose_config("stage=gptq", *overrides, "gptq.format=gptq", "gptq.calib_samples=4", "gptq.calib_seq_len=32"))
     assert repack_is_lossless(tmp_path / "default" / "gptq", tmp_path / "awq") == 30 * 7
+
+    # The memory plan on the real default: predicted peaks within 1.5x of the measured ones.
+    for stage in ("base", "merge", "gptq"):
+        assert_predicted_within(read_manifest(tmp_path / "default" / stage), 1.5)

@@ -51,6 +51,15 @@ def test_full_chain_writes_every_artifact(finished):
     assert "model.layers.0.mlp.down_proj.qzeros" in tensors and not [name for name in tensors if "g_idx" in name]
     assert manifests["gptq"]["metrics"]["vllm_compatible"] is True
     assert manifests["gptq"]["upstream"]["merge"] == manifests["merge"]["fingerprint"]
+    for stage in STAGES[:-1]:  # the memory plan's prediction beside the measured peak (serve did not run)
+        assert_predicted_within(manifests[stage], 1.5)
+
+
+def assert_predicted_within(manifest: dict, factor: float) -> None:
+    """The memory plan's predicted peak of a stage is within `factor` of the peak measured while it ran."""
+    predicted, measured = manifest["predicted_peak_memory"], manifest["peak_memory"]["host_rss_bytes"]
+    assert predicted["where"] == "cpu" and predicted["bytes"] <= predicted["available_bytes"]
+    assert 1 / factor < predicted["bytes"] / measured < factor, (manifest["stage"], predicted, measured)
 
 
 def test_second_run_skips_every_stage(copy_of):

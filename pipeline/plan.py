@@ -1,0 +1,234 @@
+"""The memory plan: before any model is loaded, each stage's predicted peak against what the machine has.
+
+The model's shapes come from its config on the meta device (no weights read); the machine's room from
+memory.budgets (each visible GPU's free memory; the host memory this process may really use: available memory,
+cgroup limit, RLIMIT_AS/RLIMIT_DATA). A stage runs on the GPU when there is one (its peak there is its device
+allocations; its host peak is the process's resident set) and on the host otherwise.
+
+Each prediction is the sum of a few named terms (weights in the stage's format, the largest tensor the stage holds
+whole, LoRA and optimizer state, activations, logits) and the stage's import floor. The constants were fitted on
+this CPU to the measured peaks of the tiny test models, the embedded default and scripts/bench_memory.py's 0.28B,
+0.45B and 0.81B Llamas (docs/memory.md has the table); each manifest records predicted beside measured peaks.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+from .config import Config, ConfigError
+
+log = logging.getLogger(__name__)
+
+GIB = 2**30
+# The process with the stage's libraries imported, before any model: the tiny models' measured peaks (their
+# weights are a few MB). Imports stay, so in one process a stage starts from the highest floor before it.
+FLOOR = {"base": 0.6 * GIB, "train": 0.7 * GIB, "merge": 0.65 * GIB, "gptq": 0.75 * GIB, "eval": 0.75 * GIB,
+         "bench": 0.95 * GIB, "serve": 0.65 * GIB}  # bench: torch.compile's workers
+VLLM_FLOOR = 1.5 * GIB  # the vLLM server process before weights and KV cache
+NF4_BYTES = 0.52  # per 4-bit parameter: 4 bits, an fp8 absmax per 64 and its fp32 scales (double quant)
+ADAM_BYTES = 16  # per trained (LoRA) parameter: fp32 weight, gradient and two Adam moments
+ACTIVATION_BYTES = 20  # per token x hidden unit x layer kept for the backward pass without checkpointing (bf16)
+
+
+@dataclasses.dataclass
+class Shape:
+    """What sets a model's memory, from its config on the meta device."""
+    params: int  # every parameter, tied ones once
+    linear: int  # parameters of the decoder layers' linear modules (what NF4, LoRA and GPTQ change)
+    layer: int  # parameters of one decoder layer
+    embedding: int  # input embedding, plus the LM head when it is not tied
+    lora: int  # LoRA parameters at train.lora_r on train.target_modules
+    hidden: int
+    vocab: int
+    layers: int
+    largest_input: int  # the widest input of a linear module (a GPTQ Hessian is its square, in fp32)
+    kv_bytes_per_token: int  # K and V of every layer, in 16 bits
+
+
+def shape(cfg: Config) -> Shape:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from .models import source_config
+
+    config = source_config(cfg.model)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.model.trust_remote_code)
+    layers = model.model.layers if hasattr(model, "model") and hasattr(model.model, "layers") else None
+    blocks = list(layers) if layers is not None else [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)
+                                                      ][0]
+    linears = [(name, m) for block in blocks for name, m in block.named_modules() if isinstance(m, torch.nn.Linear)]
+    targets = cfg.train.target_modules
+    lora = sum(cfg.train.lora_r * (m.in_features + m.out_features) for name, m in linears
+               if targets == "all-linear" or name.split(".")[-1] in targets)
+    head = model.get_output_embeddings()
+    embed = model.get_input_embeddings()
+    tied = head is not None and head.weight is embed.weight
+    text = config.get_text_config()
+    heads = text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    return Shape(params=sum(p.numel() for p in model.parameters()), linear=sum(m.weight.numel() for _, m in linears),
+                 layer=sum(p.numel() for p in blocks[0].parameters()),
+                 embedding=embed.weight.numel() + (0 if tied or head is None else head.weight.numel()),
+                 lora=lora, hidden=text.hidden_size, vocab=text.vocab_size, layers=len(blocks),
+                 largest_input=max(m.in_features for _, m in linears),
+                 kv_bytes_per_token=2 * len(blocks) * kv_heads * head_dim * 2)
+
+
+@dataclasses.dataclass
+class Row:
+    stage: str
+    where: str  # "cuda:0", "cpu"...
+    predicted: int  # peak bytes where the stage's weights live
+    available: int
+    terms: dict  # name -> bytes: why it is that much
+    fix: str  # the keys that make it smaller
+
+    @property
+    def fits(self) -> bool:
+        return self.predicted <= self.available
+
+
+def sixteen_bit(s: Shape) -> int:
+    return 2 * s.params
+
+
+def four_bit(s: Shape, bytes_per_param: float = NF4_BYTES) -> int:
+    """A model with its decoder layers' linear weights in 4 bits and the rest (embeddings, norms) in 16."""
+    return int(bytes_per_param * s.linear + 2 * (s.params - s.linear))
+
+
+def logits(tokens: int, s: Shape) -> int:
+    return 4 * tokens * s.vocab  # fp32
+
+
+def gptq_checkpoint_bits(cfg: Config) -> float:
+    group = cfg.gptq.group_size or 128  # null: chosen per model, 128 where it divides the layers' inputs
+    return cfg.gptq.bits / 8 + 4 / (group if group > 0 else 4096)  # codes, a 16-bit scale and zero per group
+
+
+def stage_terms(stage: str, cfg: Config, s: Shape, on_gpu: bool, source_bytes: int, source_gguf: bool) -> dict:
+    """The bytes a stage holds at its peak, by what holds them (the import floor is added on the host only)."""
+    train_tokens = cfg.train.batch_size * cfg.data.max_seq_len
+    if stage == "base":
+        if source_gguf:  # dequantized to fp32 by transformers' GGUF loader, then copied into a 16-bit model
+            return {"GGUF file": source_bytes, "fp32 + 16-bit copies": 6 * s.params, "NF4 weights": four_bit(s)}
+        read = {"one 16-bit layer": 2 * s.layer} if on_gpu else {"16-bit source (mapped)": source_bytes}
+        return {**read, "NF4 weights": four_bit(s)}
+    if stage == "train":
+        activations = train_tokens * s.hidden * (
+            2 * s.layers + ACTIVATION_BYTES if cfg.train.gradient_checkpointing else ACTIVATION_BYTES * s.layers)
+        terms = {"NF4 weights": four_bit(s), "LoRA + Adam": ADAM_BYTES * s.lora, "activations": activations,
+                 "logits and their gradient": 3 * logits(train_tokens, s),
+                 "embeddings in fp32": 2 * s.embedding}  # peft's k-bit preparation upcasts what is not 4-bit
+        if not on_gpu and not cfg.train.gradient_checkpointing:
+            # bitsandbytes' CPU path saves each layer's dequantized 16-bit weight for the backward pass
+            terms["dequantized weights kept for backward"] = 2 * s.linear
+        return terms
+    if stage == "merge":  # streamed: a layer (or the embedding) at a time, in fp32, plus what peft's layers hold
+        return {"largest layer in fp32, merged and written": 12 * max(s.layer, s.embedding),
+                "probe logits, reference and merged": 2 * logits(cfg.merge.probe_examples * cfg.data.max_seq_len, s),
+                "rest": int(0.13 * s.params)}
+    if stage == "gptq":  # GPTQModel: a layer at a time, finished layers offloaded to disk
+        return {"embedding and head in fp32": 8 * s.embedding, "one layer, 16-bit and fp32": 6 * s.layer,
+                "Hessians of a module group": 2 * 4 * s.largest_input ** 2,
+                "calibration activations": 2 * 4 * cfg.gptq.calib_samples * cfg.gptq.calib_seq_len * s.hidden}
+    if stage == "eval":  # one artifact at a time; the largest is 16-bit (base16, merged)
+        lm_eval_batch = cfg.eval.lm_eval.batch_size if cfg.eval.lm_eval.tasks else 0
+        return {"largest artifact (16-bit)": sixteen_bit(s) if {"base16", "merged"} & set(cfg.eval.artifacts)
+                else four_bit(s),
+                "logits of a scoring batch": 4 * logits(max(lm_eval_batch, 1) * cfg.eval.ppl_seq_len, s),
+                "RTN reference (as gptq)": 8 * s.embedding if "rtn" in cfg.eval.artifacts else 0}
+    if stage == "bench":
+        batch = max(cfg.bench.full.batch_sizes if on_gpu else cfg.bench.cpu.batch_sizes)
+        tokens = cfg.bench.prompt_len + max(cfg.bench.full.new_tokens if on_gpu else cfg.bench.cpu.new_tokens)
+        from .stages.bench import compiled_artifacts
+
+        largest = sixteen_bit(s) if {"base16", "merged"} & set(cfg.bench.artifacts) else four_bit(s)
+        return {"largest artifact (16-bit)": largest, "KV cache": batch * tokens * s.kv_bytes_per_token,
+                "prefill logits": logits(batch * cfg.bench.prompt_len, s),
+                # measured on the default model on CPU: compiling the merged model's decoding step took 0.5 GiB
+                "torch.compile": 2 * largest if compiled_artifacts(cfg) else 0}
+    if stage == "serve":  # transformers' answers from the checkpoint (this process), and the vLLM server
+        checkpoint = four_bit(s, gptq_checkpoint_bits(cfg))
+        terms = {"checkpoint in transformers": checkpoint}
+        if on_gpu:  # vLLM takes gpu_memory_utilization of the card; what matters is that the weights fit
+            return {**terms, "checkpoint in vLLM": checkpoint}
+        return {**terms, "vLLM server": int(VLLM_FLOOR) + checkpoint + cfg.serve.cpu_kv_cache_gb * GIB}
+    raise ValueError(stage)
+
+
+FIXES = {"base": "a machine with more memory", "train": "train.batch_size, data.max_seq_len, "
+         "train.gradient_checkpointing=true, train.lora_r", "merge": "a machine with more memory",
+         "gptq": "gptq.calib_samples, gptq.calib_seq_len", "eval": "eval.artifacts without base16 and merged, "
+         "eval.lm_eval.batch_size, memory.max_memory (offload)", "bench": "bench.artifacts without base16 and merged, "
+         "bench.cpu.batch_sizes / bench.full.batch_sizes", "serve": "serve.cpu_kv_cache_gb, serve.enabled=false"}
+
+
+def rows(cfg: Config, stages: list[str], s: Shape, budgets: dict, cached: set[str] = frozenset()) -> list[Row]:
+    from .models import gguf_file
+    from .preflight import source_bytes
+
+    gpus = [key for key in budgets if key != "cpu"]
+    on_gpu = bool(gpus)
+    where = "cuda:0" if on_gpu else "cpu"
+    available = budgets[0] if on_gpu else budgets["cpu"]
+    source = source_bytes(cfg.model.name_or_path)
+    gguf = gguf_file(cfg.model.name_or_path) is not None
+    planned, floor = [], 0.0
+    for stage in stages:
+        if stage == "serve" and not cfg.serve.enabled:
+            continue
+        terms = stage_terms(stage, cfg, s, on_gpu, source, gguf)
+        floor = max(floor, FLOOR[stage] if stage not in cached else 0)
+        if not on_gpu or stage in ("merge", "gptq"):  # these two stream on the host whatever the device
+            terms = {"libraries": int(floor), **terms}
+        place, room = ("cpu", budgets["cpu"]) if stage in ("merge", "gptq") and on_gpu else (where, available)
+        need = sum(terms.values())
+        if stage in ("eval", "bench") and on_gpu and need > room:  # the artifact spreads over GPUs, then CPU
+            place, room = f"cuda:0-{len(gpus) - 1}", sum(budgets[g] for g in gpus)
+            if need > room:
+                place, room = place + " + cpu offload", room + budgets["cpu"]
+        planned.append(Row(stage, place, need, room, terms, FIXES[stage]))
+    return planned
+
+
+def table(planned: list[Row], cached: set[str], host_limit: str) -> str:
+    lines = [f"{'stage':<6} {'runs on':<22} {'predicted':>10} {'available':>10}",
+             f"{'-' * 6} {'-' * 22} {'-' * 10} {'-' * 10}"]
+    for row in planned:
+        mark = " cached" if row.stage in cached else "" if row.fits else "  DOES NOT FIT"
+        lines.append(f"{row.stage:<6} {row.where:<22} {row.predicted / GIB:>8.2f} G {row.available / GIB:>8.2f} G"
+                     f"{mark}")
+    lines.append(f"(peaks predicted from the model's shapes, see docs/memory.md; host memory: {host_limit})")
+    return "\n".join(lines)
+
+
+def make(cfg: Config, stages: list[str], cached: set[str]) -> tuple[list[Row], str]:
+    """The plan of these stages on this machine (cached ones are shown, not run), and the table that shows it."""
+    from . import memory
+
+    budgets = memory.budgets(cfg.memory.max_memory, cfg.memory.headroom)
+    _, limit = memory.host_budget()
+    named = {str(key) for key in cfg.memory.max_memory}
+    host_limit = "memory.max_memory.cpu" if "cpu" in named else f"{limit}, less memory.headroom"
+    planned = rows(cfg, stages, shape(cfg), budgets, cached)
+    return planned, table(planned, cached, host_limit)
+
+
+def refuse_misfits(planned: list[Row], cached: set[str]) -> None:
+    """Stop before any model loads when a stage cannot fit: one line, the numbers, the keys that change them."""
+    for row in planned:
+        if not row.fits and row.stage not in cached:
+            biggest = max(row.terms, key=row.terms.get)
+            raise ConfigError(
+                f"memory plan: stage {row.stage} needs about {row.predicted / GIB:.2f} GiB on {row.where} (largest: "
+                f"{biggest}, {row.terms[biggest] / GIB:.2f} GiB) and {row.available / GIB:.2f} GiB is available; "
+                f"change {row.fix} (plan=true shows the whole plan)")
+
+
+def predicted_bytes(row: Row) -> dict:
+    return {"where": row.where, "bytes": row.predicted, "available_bytes": row.available,
+            "terms": {name: int(value) for name, value in row.terms.items()}}
+
