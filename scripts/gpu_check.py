@@ -33,7 +33,7 @@ def stage_times(exp: Path, reasons: dict[str, str]) -> dict[str, dict]:
     for stage in STAGES:
         manifest = read_manifest(exp / stage)
         times[stage] = ({"seconds": manifest["seconds"], "peak_memory": manifest["peak_memory"]} if manifest else
-                        {"not_run": reasons.get(stage, "no artifact: the run stopped before it (see logs/)")})
+                        {"not_run": reasons.get(stage, "no artifact: it failed or was not reached (see logs/)")})
     return times
 
 
