@@ -65,7 +65,7 @@ fi
 OVERRIDES=(stage=all "output_dir=$OUT" "experiment=$EXPERIMENT")
 [[ -n ${MODEL:-} ]] && OVERRIDES+=("model.name_or_path=$MODEL")
 KERNEL_ARGS=()  # bench_kernels.py's defaults: the 8B layer shape, 4 layers on a GPU
-if [[ $("$PYTHON" -c 'import torch; print(torch.cuda.is_available())') == True ]]; then
+if "$PYTHON" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())'; then
   echo "gpu_check: GPU: $("$PYTHON" -c 'import torch; print(torch.cuda.get_device_name())')"
 else
   echo "gpu_check: no GPU: reduced CPU check (not the GPU figures)"
@@ -81,6 +81,7 @@ fi
 failed=()
 "$PYTHON" -m pipeline "${OVERRIDES[@]}" "$@" || failed+=(pipeline)
 mkdir -p "$EXP"
+rm -f "$EXP"/bench_kernels.{json,png}  # the table shows this run's kernel figures or none
 "$PYTHON" "$ROOT/scripts/bench_kernels.py" "${KERNEL_ARGS[@]}" --out "$EXP/bench_kernels.json" || failed+=(bench_kernels)
 "$PYTHON" "$ROOT/scripts/gpu_check.py" "$EXP" --wall-s "$SECONDS" || failed+=(table)
 if (( ${#failed[@]} )); then echo "gpu_check: failed: ${failed[*]} (logs: $EXP/logs)" >&2; exit 1; fi
