@@ -117,6 +117,10 @@ def markdown(exp: Path, check: dict, kernel_lines: list[str], serve_lines: list[
         lines.append(f"| {a['artifact']} | {number(a['eager_tok_s'], '.1f')} | {number(a['compiled_tok_s'], '.1f')} "
                      f"| {number(speedup, '.2f')} | {number(a['compile_s'], '.0f')} | {number(a['roofline'], '.1%')} "
                      f"| {', '.join(a['kernels'])} |")
+    shape = check["bench_kernels"]["shape"]
+    if shape:  # the 8B layer shape, or the CPU check's tiny one
+        lines += ["", f"scripts/bench_kernels.py measured hidden {shape['hidden']}, intermediate "
+                      f"{shape['intermediate']}, {shape['heads']}/{shape['kv_heads']} heads, {shape['layers']} layers:"]
     lines += ["", *(kernel_lines or ["Kernels (scripts/bench_kernels.py): not measured."]), "", *serve_lines, "",
               "Goals (issue 26, on an H100):", "", "| goal | measured | verdict |", "|---|---|---|",
               *(f"| {g['goal']} | {g['measured']} | {g['verdict']} |" for g in check["goals"])]

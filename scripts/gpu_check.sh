@@ -69,7 +69,7 @@ if "$PYTHON" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())'; th
   echo "gpu_check: GPU: $("$PYTHON" -c 'import torch; print(torch.cuda.get_device_name())')"
 else
   echo "gpu_check: no GPU: reduced CPU check (not the GPU figures)"
-  OVERRIDES+=(train.max_steps=10 train.save_steps=5 data.builtin_examples=200 data.heldout_examples=16
+  OVERRIDES+=(train.max_steps=10 train.batch_size=4 train.save_steps=5 data.builtin_examples=200 data.heldout_examples=16
               gptq.calib_samples=8 gptq.calib_seq_len=64 eval.ppl_windows=2 eval.task_examples=8
               eval.max_new_tokens=8 eval.lm_eval.limit=8 bench.matrix=cpu bench.compile=auto
               "bench.cpu.new_tokens=[8]" "bench.cpu.batch_sizes=[1]" serve.task_examples=8 serve.requests=4
