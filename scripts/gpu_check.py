@@ -32,7 +32,8 @@ def stage_times(exp: Path, reasons: dict[str, str]) -> dict[str, dict]:
     times = {}
     for stage in STAGES:
         manifest = read_manifest(exp / stage)
-        times[stage] = ({"seconds": manifest["seconds"], "peak_memory": manifest["peak_memory"]} if manifest else
+        times[stage] = ({"seconds": manifest["seconds"], "peak_memory": manifest["peak_memory"],
+                         "predicted_peak_memory": manifest.get("predicted_peak_memory")} if manifest else
                         {"not_run": reasons.get(stage, "no artifact: it failed or was not reached (see logs/)")})
     return times
 
@@ -100,14 +101,17 @@ def markdown(exp: Path, check: dict, kernel_lines: list[str], serve_lines: list[
     else:
         mode = "unknown (no bench results)"
     wall = f"; wall time {check['wall_s'] / 60:.1f} min, install included" if check["wall_s"] else ""
-    lines = [f"# GPU check: {exp}", "", f"Mode: {mode}{wall}.", "", "| stage | seconds | peak memory |", "|---|---|---|"]
+    lines = [f"# GPU check: {exp}", "", f"Mode: {mode}{wall}.", "",
+             "| stage | seconds | peak memory | predicted by the plan |", "|---|---|---|---|"]
     for stage, t in check["stages"].items():
         if "not_run" in t:
-            lines.append(f"| {stage} | not run: {t['not_run']} | |")
+            lines.append(f"| {stage} | not run: {t['not_run']} | | |")
         else:
             peaks = ", ".join(f"{key.removesuffix('_bytes')} {value / 2**30:.2f} GiB"
                               for key, value in t["peak_memory"].items())
-            lines.append(f"| {stage} | {t['seconds']:.1f} | {peaks} |")
+            plan = t["predicted_peak_memory"]
+            predicted = f"{plan['bytes'] / 2**30:.2f} GiB on {plan['where']}" if plan else "-"
+            lines.append(f"| {stage} | {t['seconds']:.1f} | {peaks} | {predicted} |")
     lines += ["", f"Decode at batch 1, KV cache on ({check['new_tokens']} new tokens); compiled: static cache + "
                   "torch.compile, compilation not counted:", "",
               "| artifact | eager tok/s | compiled tok/s | compiled / eager | compile s | roofline | kernels |",
