@@ -216,7 +216,9 @@ def serving(served: dict, not_run: dict[str, str]) -> list[str]:
     def share(key: str) -> str:
         return _cell(served[key], None, ".1%", ratio=False)
     layout = served["server"].get("layout")  # serve.json from before it was recorded has none
-    lines = [f"Served (vLLM, {served['server']['vllm']}{f', {layout.upper()} layout' if layout else ''}): task "
+    gpus = served["server"].get("tensor_parallel_size", 1)
+    lines = [f"Served (vLLM, {served['server']['vllm']}{f', {layout.upper()} layout' if layout else ''}"
+             f"{f', tensor parallel over {gpus} GPUs' if gpus > 1 else ''}): task "
              f"accuracy {share('task_accuracy')} through the server "
              f"vs {share('transformers_task_accuracy')} with transformers on the same checkpoint; the answers agree "
              f"on {share('agreement_with_transformers')} of {served['task_examples']} prompts. Its row above: "
