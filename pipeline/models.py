@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from . import distributed
+from . import distributed, memory
 from .config import BaseConfig, ConfigError, ModelConfig
 from .data import DEFAULT_CHAT_TEMPLATE
 
@@ -384,8 +384,6 @@ def spill(name: str, inputs: dict[str, Path]) -> tuple[str, ...]:
 def load_placed(name: str, inputs: dict[str, Path], cfg, offload_folder: Path):
     """An artifact for eval and bench, placed within memory.max_memory / memory.headroom (see placement), and its
     Placement; raises NoRoom when it cannot be. Delete `offload_folder` once done with the model."""
-    from . import memory
-
     paths = artifact_paths(inputs)
     folders = [paths["nf4"], paths["qlora"]] if name == "qlora" else [local_dir(paths[name], cfg.model)]
     placed = placement(sum(weight_bytes(folder) for folder in folders),
