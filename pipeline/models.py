@@ -367,16 +367,16 @@ def weight_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.iterdir() if p.suffix in (".safetensors", ".bin"))
 
 
-def spill(name: str, inputs: dict[str, Path]) -> tuple[str, ...]:
+def spill(name: str, path: Path) -> tuple[str, ...]:
     """Where an artifact's format lets it go beyond one device (see placement), as measured with transformers 5.23,
-    bitsandbytes 0.50 and GPTQModel 7.6. bitsandbytes' saved 4-bit weights (nf4, qlora) take GPUs only: transformers
-    refuses a map with CPU or disk in it unless llm_int8_enable_fp32_cpu_offload is set, and with it the offloaded
-    layers become 16-bit Linear layers the packed 4-bit weights do not fit; on disk, the first forward fails
-    (bitsandbytes re-quantizes the packed bytes). GPTQModel loads a checkpoint with gptq.dynamic rules on one
-    device."""
+    bitsandbytes 0.50 and GPTQModel 7.6; `path` is its folder (a GPTQ checkpoint's config says whether it has
+    gptq.dynamic rules). bitsandbytes' saved 4-bit weights (nf4, qlora) take GPUs only: transformers refuses a map
+    with CPU or disk in it unless llm_int8_enable_fp32_cpu_offload is set, and with it the offloaded layers become
+    16-bit Linear layers the packed 4-bit weights do not fit; on disk, the first forward fails (bitsandbytes
+    re-quantizes the packed bytes). GPTQModel loads a checkpoint with gptq.dynamic rules on one device."""
     if name in ("nf4", "qlora"):
         return ("gpus",)
-    if name in ("gptq", "rtn") and quantization_config(artifact_paths(inputs)[name]).get("dynamic"):
+    if name in ("gptq", "rtn") and quantization_config(path).get("dynamic"):
         return ()
     return ("gpus", "cpu", "disk")
 
@@ -387,13 +387,20 @@ def load_placed(name: str, inputs: dict[str, Path], cfg, offload_folder: Path):
     paths = artifact_paths(inputs)
     folders = [paths["nf4"], paths["qlora"]] if name == "qlora" else [local_dir(paths[name], cfg.model)]
     placed = placement(sum(weight_bytes(folder) for folder in folders),
-                       memory.budgets(cfg.memory.max_memory, cfg.memory.headroom), spill(name, inputs), offload_folder)
-    model = load_artifact(name, inputs, cfg, placed)
-    if model.device.type == "meta":  # accelerate put even the first layer on disk: inputs have nowhere to go
-        shutil.rmtree(offload_folder, ignore_errors=True)
+                       memory.budgets(cfg.memory.max_memory, cfg.memory.headroom), spill(name, folders[-1]),
+                       offload_folder)
+    return computable(load_artifact(name, inputs, cfg, placed), placed), placed
+
+
+def computable(model, placed: Placement):
+    """The model as loaded where `placed` says, unless accelerate put even its first layer on disk (the budget of the
+    device that computes it holds less than its input embedding and largest layer): then its inputs have no device
+    to go to, and NoRoom says so."""
+    if model.device.type == "meta":
+        shutil.rmtree(placed.offload_folder, ignore_errors=True)
         raise NoRoom(f"budgets {_budgets(placed.max_memory)}: accelerate offloaded even its first layer to disk, as "
                      "the device that computes it has less than its input embedding and largest layer")
-    return model, placed
+    return model
 
 
 def artifact_disk_bytes(name: str, inputs: dict[str, Path]) -> int | None:

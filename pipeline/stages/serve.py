@@ -33,7 +33,7 @@ import torch
 from .. import memory
 from ..config import Config, ConfigError, ServeConfig
 from ..data import read_jsonl, task_chats
-from ..models import load_gptq, load_tokenizer, quantization_config, weight_bytes
+from ..models import NoRoom, computable, load_gptq, load_tokenizer, placement, quantization_config, spill, weight_bytes
 from ..quality import answer_scores, generate_answers
 from . import StageUnavailable
 from .gptq import settings_problems
@@ -253,6 +253,23 @@ def check_fits(s: ServeConfig, tokenizer, prompts: list[list[dict]]) -> None:
                           f"{needed} with its answer (serve.max_new_tokens, serve.load_max_tokens)")
 
 
+def transformers_answers(cfg: Config, checkpoint: Path, tokenizer, chats: list, offload_folder: Path) -> list[str]:
+    """Greedy answers of the checkpoint in transformers, placed as eval places it (models.placement); its GPU
+    memory is given back before vLLM starts, which sizes its KV cache from what is free."""
+    try:
+        placed = placement(weight_bytes(checkpoint), memory.budgets(cfg.memory.max_memory, cfg.memory.headroom),
+                           spill("gptq", checkpoint), offload_folder)
+        model = computable(load_gptq(checkpoint, placed), placed)
+    except NoRoom as why:
+        raise StageUnavailable(f"transformers cannot load the checkpoint to compare with vLLM: {why}") from None
+    answers = generate_answers(model, tokenizer, chats, max_new_tokens=cfg.serve.max_new_tokens)
+    del model
+    shutil.rmtree(offload_folder, ignore_errors=True)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return answers
+
+
 def run(cfg: Config, work: Path, inputs: dict[str, Path]) -> dict:
     s, checkpoint = cfg.serve, inputs["gptq"]
     chats = task_chats(read_jsonl(inputs["train"] / "data" / "heldout.jsonl"))[:s.task_examples]
@@ -261,10 +278,9 @@ def run(cfg: Config, work: Path, inputs: dict[str, Path]) -> dict:
     tokenizer = load_tokenizer(checkpoint)
     check_fits(s, tokenizer, prompts)  # before a server starts
 
-    expected = generate_answers(load_gptq(checkpoint), tokenizer, chats,
-                                max_new_tokens=s.max_new_tokens) if chats else []
-    # missing() refused a checkpoint the GPUs cannot hold
+    # Measured before this process's model takes GPU memory; missing() refused a checkpoint the GPUs cannot hold.
     tensor_parallel = tensor_parallel_size(weight_bytes(checkpoint), gpu_budgets(cfg), attention_heads(checkpoint))
+    expected = transformers_answers(cfg, checkpoint, tokenizer, chats, work / "offload") if chats else []
     with vllm_server(cfg, python, checkpoint, work / "server.log", tensor_parallel) as url:
         with ThreadPoolExecutor(max(s.concurrency)) as pool:
             replies = pool.map(lambda messages: chat(url, messages, s.max_new_tokens), prompts[:len(chats)])
