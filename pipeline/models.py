@@ -200,13 +200,18 @@ def _budgets(budgets: dict) -> str:
     return ", ".join(f"{'cpu' if key == 'cpu' else f'cuda:{key}'} {_size(size)}" for key, size in budgets.items())
 
 
+def gpu_budgets(budgets: dict) -> dict[int, int]:
+    """The budgets of the GPUs this process sees (memory.max_memory may name others)."""
+    return {index: budgets[index] for index in range(torch.cuda.device_count())}
+
+
 def placement(need: int, budgets: dict, spill: tuple[str, ...], offload_folder: Path) -> Placement:
     """Where a model of `need` bytes of weights goes, given accelerate's per-device budgets ({0: bytes, ...,
     "cpu": bytes}, see memory.budgets) and where its format may go beyond one device (`spill`, in order: "gpus",
     "cpu", "disk"). Fits this process's device: there, as before. Else accelerate's "auto" map across the GPUs, then
     offloading to CPU, then to disk (on a CPU-only machine the CPU is the one device, so disk comes next)."""
     here = device()
-    gpus = {key: size for key, size in budgets.items() if key != "cpu"}
+    gpus = gpu_budgets(budgets)
     if need <= budgets[here.index if here.type == "cuda" else "cpu"]:
         return ONE_DEVICE
     if "gpus" in spill and need <= sum(gpus.values()):

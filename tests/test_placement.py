@@ -101,3 +101,15 @@ def test_tensor_parallel_size():
     assert tensor_parallel_size(141 * gb, [70 * gb] * 8, 6) is None, "4 does not divide 6 heads"
     assert tensor_parallel_size(90 * gb, [80 * gb, 60 * gb], 32) == 2, "each share within the smallest budget"
     assert tensor_parallel_size(130 * gb, [80 * gb, 60 * gb], 32) is None
+
+
+def test_eval_offloads_a_gptq_checkpoint_to_disk(copy_of, finished):
+    """GPTQModel's layers (here the AWQ layout, the default) run from disk too: a budget that holds the embeddings
+    and a layer, not the whole checkpoint."""
+    exp, rerun = copy_of
+    budget = weight_bytes(exp / "gptq") - 20_000
+    rerun("stage=eval", "eval.artifacts=[gptq]", "eval.lm_eval.tasks=[]", f"+memory.max_memory.cpu={budget}")
+    result = json.loads((exp / "eval" / "eval.json").read_text())["artifacts"]["gptq"]
+    whole = json.loads((finished[0] / "default" / "eval" / "eval.json").read_text())["artifacts"]["gptq"]
+    assert result["placement"] == "cpu + disk offload", result
+    assert abs(result["ppl"] - whole["ppl"]) < 0.01 * whole["ppl"] and result["task_accuracy"] == whole["task_accuracy"]

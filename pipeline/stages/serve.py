@@ -33,7 +33,8 @@ import torch
 from .. import memory
 from ..config import Config, ConfigError, ServeConfig
 from ..data import read_jsonl, task_chats
-from ..models import NoRoom, computable, load_gptq, load_tokenizer, placement, quantization_config, spill, weight_bytes
+from ..models import (NoRoom, computable, gpu_budgets, load_gptq, load_tokenizer, placement, quantization_config, spill,
+                      weight_bytes)
 from ..quality import answer_scores, generate_answers
 from . import StageUnavailable
 from .gptq import settings_problems
@@ -69,14 +70,18 @@ def tensor_parallel_size(checkpoint_bytes: int, gpu_budgets: list[int], heads: i
     return None
 
 
-def gpu_budgets(cfg: Config) -> list[int]:
+def per_gpu(cfg: Config) -> list[int]:
     """What each GPU may hold (memory.max_memory, else what is free less memory.headroom), in device order."""
-    budgets = memory.budgets(cfg.memory.max_memory, cfg.memory.headroom)
-    return [budgets[key] for key in sorted(key for key in budgets if key != "cpu")]
+    return list(gpu_budgets(memory.budgets(cfg.memory.max_memory, cfg.memory.headroom)).values())
 
 
 def attention_heads(checkpoint: Path) -> int:
     return json.loads((checkpoint / "config.json").read_text())["num_attention_heads"]
+
+
+def tensor_parallel(cfg: Config, checkpoint: Path) -> int | None:
+    """tensor_parallel_size of the checkpoint on this machine's GPUs."""
+    return tensor_parallel_size(weight_bytes(checkpoint), per_gpu(cfg), attention_heads(checkpoint))
 
 
 def missing(cfg: Config) -> str | None:
@@ -90,13 +95,12 @@ def missing(cfg: Config) -> str | None:
     if refused:
         return f"vLLM cannot serve this GPTQ checkpoint: {'; '.join(refused)}"
     checkpoint = experiment_dir(cfg) / "gptq"  # built by now when the runner asks
-    if (checkpoint / "config.json").is_file():
-        size, budgets, heads = weight_bytes(checkpoint), gpu_budgets(cfg), attention_heads(checkpoint)
-        if tensor_parallel_size(size, budgets, heads) is None:
-            return (f"the checkpoint's {size / 1e9:.1f} GB of weights need more GPUs than the {len(budgets)} here "
-                    f"(per GPU: {', '.join(f'{b / 1e9:.1f}' for b in budgets)} GB; vLLM shards over a power of two "
-                    f"dividing its {heads} attention heads): raise memory.max_memory (or lower memory.headroom), or "
-                    "serve on more GPUs")
+    if (checkpoint / "config.json").is_file() and tensor_parallel(cfg, checkpoint) is None:
+        budgets = per_gpu(cfg)
+        return (f"the checkpoint's {weight_bytes(checkpoint) / 1e9:.1f} GB of weights need more GPUs than the "
+                f"{len(budgets)} here (per GPU: {', '.join(f'{b / 1e9:.1f}' for b in budgets)} GB; vLLM shards over "
+                f"a power of two dividing its {attention_heads(checkpoint)} attention heads): raise memory.max_memory "
+                "(or lower memory.headroom), or serve on more GPUs")
     python = vllm_python(cfg)
     if python is None:
         return f"vLLM is not installed; install it with `{INSTALL_HINT}` or set serve.python"
@@ -279,9 +283,9 @@ def run(cfg: Config, work: Path, inputs: dict[str, Path]) -> dict:
     check_fits(s, tokenizer, prompts)  # before a server starts
 
     # Measured before this process's model takes GPU memory; missing() refused a checkpoint the GPUs cannot hold.
-    tensor_parallel = tensor_parallel_size(weight_bytes(checkpoint), gpu_budgets(cfg), attention_heads(checkpoint))
+    gpus = tensor_parallel(cfg, checkpoint)
     expected = transformers_answers(cfg, checkpoint, tokenizer, chats, work / "offload") if chats else []
-    with vllm_server(cfg, python, checkpoint, work / "server.log", tensor_parallel) as url:
+    with vllm_server(cfg, python, checkpoint, work / "server.log", gpus) as url:
         with ThreadPoolExecutor(max(s.concurrency)) as pool:
             replies = pool.map(lambda messages: chat(url, messages, s.max_new_tokens), prompts[:len(chats)])
             served = [reply["text"].strip() for reply in replies]
@@ -296,7 +300,7 @@ def run(cfg: Config, work: Path, inputs: dict[str, Path]) -> dict:
     scores = answer_scores(served, truth)
     report = {
         "server": {"python": python, "vllm": vllm_version(python), "max_model_len": s.max_model_len,
-                   "layout": quantization_config(checkpoint)["quant_method"], "tensor_parallel_size": tensor_parallel},
+                   "layout": quantization_config(checkpoint)["quant_method"], "tensor_parallel_size": gpus},
         "task_examples": len(chats),
         "task_accuracy": scores["accuracy"],
         "task_similarity": scores["similarity"],
