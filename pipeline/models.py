@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
 import torch
 
-from . import distributed
+from . import distributed, memory
 from .config import BaseConfig, ConfigError, ModelConfig
 from .data import DEFAULT_CHAT_TEMPLATE
 
@@ -158,15 +160,95 @@ def nf4_weight(layer) -> torch.Tensor:
     return bnbf.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
 
 
-def load_causal_lm(path: str | Path, model: ModelConfig, dtype: str, quantization_config=None):
-    """A causal LM on this process's device. A saved NF4 checkpoint carries its own quantization config."""
+@dataclass(frozen=True)
+class Placement:
+    """Where from_pretrained puts a model's weights: one device (device_map={"": device}), or accelerate's "auto"
+    map within per-device budgets (max_memory), with what does not fit them offloaded to `offload_folder`."""
+    device_map: dict | str | None
+    max_memory: dict | None = None
+    offload_folder: Path | None = None
+
+    @property
+    def whole(self) -> bool:
+        """Every weight on one device, as before placement existed."""
+        return self.device_map != "auto"
+
+    def kwargs(self) -> dict:
+        """from_pretrained's arguments for it."""
+        extra = {"max_memory": self.max_memory} if self.max_memory is not None else {}
+        if self.offload_folder is not None:
+            extra["offload_folder"] = str(self.offload_folder)
+        return {"device_map": device_map() if self.device_map is None else self.device_map, **extra}
+
+
+ONE_DEVICE = Placement(None)  # this process's device, as device_map() says when the model is loaded
+
+
+class NoRoom(Exception):
+    """An artifact fits neither the devices' budgets nor the offload its format allows; says what it needs."""
+
+    def advice(self, stage: str) -> str:
+        """Why the stage skips the artifact, and the keys that change that."""
+        return f"{self}: raise memory.max_memory (or lower memory.headroom), or leave it out of {stage}.artifacts"
+
+
+def _size(n: float) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e3:.0f} KB"
+
+
+def _budgets(budgets: dict) -> str:
+    return ", ".join(f"{'cpu' if key == 'cpu' else f'cuda:{key}'} {_size(size)}" for key, size in budgets.items())
+
+
+def gpu_budgets(budgets: dict) -> dict[int, int]:
+    """The budgets of the GPUs this process sees (memory.max_memory may name others)."""
+    return {index: budgets[index] for index in range(torch.cuda.device_count())}
+
+
+def placement(need: int, budgets: dict, spill: tuple[str, ...], offload_folder: Path) -> Placement:
+    """Where a model of `need` bytes of weights goes, given accelerate's per-device budgets ({0: bytes, ...,
+    "cpu": bytes}, see memory.budgets) and where its format may go beyond one device (`spill`, in order: "gpus",
+    "cpu", "disk"). Fits this process's device: there, as before. Else accelerate's "auto" map across the GPUs, then
+    offloading to CPU, then to disk (on a CPU-only machine the CPU is the one device, so disk comes next)."""
+    here = device()
+    gpus = gpu_budgets(budgets)
+    if need <= budgets[here.index if here.type == "cuda" else "cpu"]:
+        return ONE_DEVICE
+    if "gpus" in spill and need <= sum(gpus.values()):
+        return Placement("auto", max_memory=gpus)  # no "cpu" entry: accelerate may not offload
+    room = sum(gpus.values()) + budgets["cpu"]
+    if "cpu" in spill and gpus and need <= room:
+        return Placement("auto", max_memory=budgets)
+    free_disk = shutil.disk_usage(offload_folder.parent).free
+    if "disk" in spill and need <= room + free_disk:
+        return Placement("auto", max_memory=budgets, offload_folder=offload_folder)
+    allowed = {(): "one device only", ("gpus",): "GPUs only, no CPU or disk offload"}.get(
+        spill, f"{', '.join(spill)}; {_size(free_disk)} free on disk")
+    raise NoRoom(f"needs {_size(need)} of weights; budgets {_budgets(budgets)} (its format: {allowed})")
+
+
+def placed_on(model) -> str:
+    """Where a loaded model's weights are, in words: "cuda:0", "cuda:0-3", "cuda:0-1 + cpu offload", "cpu",
+    "cpu + disk offload"."""
+    places = {f"cuda:{p}" if isinstance(p, int) else str(p)
+              for p in (getattr(model, "hf_device_map", None) or {"": device()}).values()}
+    gpus = sorted(int(p.split(":")[1]) for p in places if p.startswith("cuda"))
+    runs = (f"cuda:{gpus[0]}" + (f"-{gpus[-1]}" if len(gpus) > 1 else "")) if gpus else "cpu"
+    offloads = [f"{p} offload" for p in ("cpu", "disk") if p in places and (p != "cpu" or gpus)]
+    return " + ".join([runs, *offloads])
+
+
+def load_causal_lm(path: str | Path, model: ModelConfig, dtype: str, quantization_config=None,
+                   placed: Placement = ONE_DEVICE):
+    """A causal LM on this process's device, or where `placed` says. A saved NF4 checkpoint carries its own
+    quantization config."""
     from transformers import AutoModelForCausalLM
 
     extra = {"quantization_config": quantization_config} if quantization_config is not None else {}
     return AutoModelForCausalLM.from_pretrained(
-        str(path), dtype=torch_dtype(dtype), device_map=device_map(), trust_remote_code=model.trust_remote_code,
+        str(path), dtype=torch_dtype(dtype), trust_remote_code=model.trust_remote_code,
         use_safetensors=None if model.allow_pickle else True,
-        revision=model.revision if str(path) == model.name_or_path else None, **extra)
+        revision=model.revision if str(path) == model.name_or_path else None, **placed.kwargs(), **extra)
 
 
 def source_config(model: ModelConfig):
@@ -231,10 +313,11 @@ def quantization_config(path: Path) -> dict:
     return json.loads((path / "config.json").read_text())["quantization_config"]
 
 
-def load_gptq(path: Path):
+def load_gptq(path: Path, placed: Placement = ONE_DEVICE):
     """The gptq stage's checkpoint (GPTQ or AWQ layout) loaded with transformers, as users load it, on the fastest
-    kernel that takes it. One with per-module settings (gptq.dynamic) loads with GPTQModel, as vLLM reads it too:
-    transformers' GPTQ loader drops them and fails on the layers they change."""
+    kernel that takes it, where `placed` says. One with per-module settings (gptq.dynamic) loads with GPTQModel on
+    this process's device, as vLLM reads it too: transformers' GPTQ loader drops them and fails on the layers they
+    change."""
     from transformers import AutoModelForCausalLM, AwqConfig, GPTQConfig
 
     quantization = quantization_config(path)
@@ -249,8 +332,7 @@ def load_gptq(path: Path):
         config = {"gptq": GPTQConfig, "awq": AwqConfig}[method]
         kernel = {} if backend == "auto" else {"quantization_config": config(bits=quantization["bits"],
                                                                              backend=backend)}
-        return AutoModelForCausalLM.from_pretrained(str(path), device_map=device_map(), use_safetensors=True,
-                                                    **kernel)
+        return AutoModelForCausalLM.from_pretrained(str(path), use_safetensors=True, **placed.kwargs(), **kernel)
     for backend in preferred:
         try:
             return load(backend)
@@ -279,20 +361,62 @@ def dequantized(layer) -> torch.Tensor:
     return dequantize_gemm(layer.qweight, layer.qzeros, layer.scales, layer.bits, layer.group_size).T.float()
 
 
-def load_artifact(name: str, inputs: dict[str, Path], cfg):
-    """One artifact of a run as a model on this process's device (qlora: the NF4 base with the adapter)."""
+def load_artifact(name: str, inputs: dict[str, Path], cfg, placed: Placement = ONE_DEVICE):
+    """One artifact of a run as a model on this process's device, or where `placed` says (qlora: the NF4 base with
+    the adapter)."""
     paths = artifact_paths(inputs)
     if name == "base16":
-        return load_causal_lm(paths["base16"], cfg.model, cfg.model.dtype)
+        return load_causal_lm(paths["base16"], cfg.model, cfg.model.dtype, placed=placed)
     if name in ("nf4", "qlora"):
-        model = load_causal_lm(paths["nf4"], cfg.model, cfg.base.compute_dtype)
+        model = load_causal_lm(paths["nf4"], cfg.model, cfg.base.compute_dtype, placed=placed)
         if name == "nf4":
             return model
         from peft import PeftModel
         return PeftModel.from_pretrained(model, paths["qlora"])
     if name == "merged":
-        return load_causal_lm(paths["merged"], cfg.model, cfg.merge.dtype)
-    return load_gptq(paths[name])  # gptq, rtn
+        return load_causal_lm(paths["merged"], cfg.model, cfg.merge.dtype, placed=placed)
+    return load_gptq(paths[name], placed)  # gptq, rtn
+
+
+def weight_bytes(path: Path) -> int:
+    """Bytes of a checkpoint's weight files (what its model holds in memory, give or take the buffers)."""
+    return sum(p.stat().st_size for p in path.iterdir() if p.suffix in (".safetensors", ".bin"))
+
+
+def spill(name: str, path: Path) -> tuple[str, ...]:
+    """Where an artifact's format lets it go beyond one device (see placement), as measured with transformers 5.23,
+    bitsandbytes 0.50 and GPTQModel 7.6; `path` is its folder (a GPTQ checkpoint's config says whether it has
+    gptq.dynamic rules). bitsandbytes' saved 4-bit weights (nf4, qlora) take GPUs only: transformers refuses a map
+    with CPU or disk in it unless llm_int8_enable_fp32_cpu_offload is set, and with it the offloaded layers become
+    16-bit Linear layers the packed 4-bit weights do not fit; on disk, the first forward fails (bitsandbytes
+    re-quantizes the packed bytes). GPTQModel loads a checkpoint with gptq.dynamic rules on one device."""
+    if name in ("nf4", "qlora"):
+        return ("gpus",)
+    if name in ("gptq", "rtn") and quantization_config(path).get("dynamic"):
+        return ()
+    return ("gpus", "cpu", "disk")
+
+
+def load_placed(name: str, inputs: dict[str, Path], cfg, offload_folder: Path):
+    """An artifact for eval and bench, placed within memory.max_memory / memory.headroom (see placement), and its
+    Placement; raises NoRoom when it cannot be. Delete `offload_folder` once done with the model."""
+    paths = artifact_paths(inputs)
+    folders = [paths["nf4"], paths["qlora"]] if name == "qlora" else [local_dir(paths[name], cfg.model)]
+    placed = placement(sum(weight_bytes(folder) for folder in folders),
+                       memory.budgets(cfg.memory.max_memory, cfg.memory.headroom), spill(name, folders[-1]),
+                       offload_folder)
+    return computable(load_artifact(name, inputs, cfg, placed), placed), placed
+
+
+def computable(model, placed: Placement):
+    """The model as loaded where `placed` says, unless accelerate put even its first layer on disk (the budget of the
+    device that computes it holds less than its input embedding and largest layer): then its inputs have no device
+    to go to, and NoRoom says so."""
+    if model.device.type == "meta":
+        shutil.rmtree(placed.offload_folder, ignore_errors=True)
+        raise NoRoom(f"budgets {_budgets(placed.max_memory)}: accelerate offloaded even its first layer to disk, as "
+                     "the device that computes it has less than its input embedding and largest layer")
+    return model
 
 
 def artifact_disk_bytes(name: str, inputs: dict[str, Path]) -> int | None:

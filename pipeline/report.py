@@ -11,7 +11,7 @@ log = logging.getLogger(__name__)
 REFERENCE = "merged"
 BASE = "base16"  # general-text perplexity is also shown against the base model: how much of it the run kept
 COLUMNS = ("artifact", "size MB", "params MB", "ppl", "ppl / base16", "task acc", "task sim", "prefill ms", "decode tok/s",
-           "compiled tok/s", "roofline", "peak mem MB")
+           "compiled tok/s", "roofline", "peak mem MB", "placement")
 
 
 def _load(path: Path) -> dict:
@@ -56,7 +56,7 @@ def rows(evaluation: dict, bench: dict, served: dict | None = None) -> list[dict
             "compiled": fast["decode_tok_s"]["median"] if fast else None,
             "compile_s": fast["compile_s"] if fast else None,
             "roofline": b.get("roofline_fraction"),
-            "peak": single["peak_memory_bytes"] if single else None})
+            "peak": single["peak_memory_bytes"] if single else None, "placement": _placement(e, b)})
     if served:  # the deployed checkpoint: speed at concurrency 1 (time to first token, streamed output tok/s)
         single = next((level for level in served["load"] if level["concurrency"] == 1), None)
         gptq = next((r for r in table if r["artifact"] == "gptq"), {})
@@ -64,8 +64,24 @@ def rows(evaluation: dict, bench: dict, served: dict | None = None) -> list[dict
                       "task": served["task_accuracy"], "similarity": served.get("task_similarity"),
                       "prefill": single["ttft_s"]["p50"] * 1e3 if single and single["ttft_s"] else None,
                       "decode": single["output_tok_s"] if single else None, "compiled": None, "roofline": None,
-                      "peak": None})
+                      "peak": None, "placement": None})
     return table
+
+
+def _placement(evaluated: dict, benched: dict) -> str | None:
+    """Where eval and bench ran the artifact (both named when they differ: each placed it in the memory it found)."""
+    places = {stage: r.get("placement") or "skipped" for stage, r in (("eval", evaluated), ("bench", benched))
+              if r.get("placement") or "skipped" in r}
+    if len(set(places.values())) > 1:
+        return ", ".join(f"{place} ({stage})" for stage, place in places.items())
+    return next(iter(places.values()), None)
+
+
+def skipped(evaluation: dict, bench: dict) -> list[str]:
+    """The artifacts eval or bench did not measure, and why."""
+    return [f"Not measured: {name} in {stage}: {r['skipped']}." for stage, results in (("eval", evaluation),
+                                                                                       ("bench", bench))
+            for name, r in results.get("artifacts", {}).items() if "skipped" in r]
 
 
 def _compiled(row: dict) -> str:
@@ -90,7 +106,8 @@ def markdown(table: list[dict]) -> str:
                  _cell(r["task"], None, ".1%", ratio=False),
                  _cell(r["similarity"], None, ".1%", ratio=False), _cell(r["prefill"], ref.get("prefill"), ".1f"),
                  _cell(r["decode"], ref.get("decode"), ".1f"),
-                 _compiled(r), _cell(r["roofline"], None, ".1%", ratio=False), _cell(*scaled("peak"), ".0f")]
+                 _compiled(r), _cell(r["roofline"], None, ".1%", ratio=False), _cell(*scaled("peak"), ".0f"),
+                 r["placement"] or "-"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -122,10 +139,10 @@ def plots(exp: Path, evaluation: dict, bench: dict) -> list[Path]:
     if bench.get("artifacts"):
         fig, ax = plt.subplots(figsize=(7, 3.5))
         names = list(bench["artifacts"])
-        batches = sorted({r["batch"] for b in bench["artifacts"].values() for r in b["runs"]})
+        batches = sorted({r["batch"] for b in bench["artifacts"].values() for r in b.get("runs", [])})
         width = 0.8 / len(batches)
         for i, batch in enumerate(batches):
-            values = [max((r["decode_tok_s"]["median"] for r in bench["artifacts"][n]["runs"]
+            values = [max((r["decode_tok_s"]["median"] for r in bench["artifacts"][n].get("runs", [])
                            if r["batch"] == batch and r["use_cache"] and not r.get("compiled")), default=0)
                       for n in names]
             ax.bar([j + i * width for j in range(len(names))], values, width, label=f"batch {batch}")
@@ -157,7 +174,7 @@ def plots(exp: Path, evaluation: dict, bench: dict) -> list[Path]:
 def notes(bench: dict) -> list[str]:
     if not bench:
         return []
-    first = next(iter(bench["artifacts"].values()), {})
+    first = next((b for b in bench["artifacts"].values() if b.get("runs")), {})
     single = _batch1(first) or {}
     device = bench["device"]
     where = device.get("gpu") or device.get("cpu")
@@ -199,7 +216,9 @@ def serving(served: dict, not_run: dict[str, str]) -> list[str]:
     def share(key: str) -> str:
         return _cell(served[key], None, ".1%", ratio=False)
     layout = served["server"].get("layout")  # serve.json from before it was recorded has none
-    lines = [f"Served (vLLM, {served['server']['vllm']}{f', {layout.upper()} layout' if layout else ''}): task "
+    gpus = served["server"].get("tensor_parallel_size", 1)
+    lines = [f"Served (vLLM, {served['server']['vllm']}{f', {layout.upper()} layout' if layout else ''}"
+             f"{f', tensor parallel over {gpus} GPUs' if gpus > 1 else ''}): task "
              f"accuracy {share('task_accuracy')} through the server "
              f"vs {share('transformers_task_accuracy')} with transformers on the same checkpoint; the answers agree "
              f"on {share('agreement_with_transformers')} of {served['task_examples']} prompts. Its row above: "
@@ -262,8 +281,9 @@ def write(exp: Path, not_run: dict[str, str] | None = None) -> str | None:
         return None
     table = markdown(rows(evaluation, bench, served))
     images = plots(exp, evaluation, bench)
-    text = [f"# Report: {exp.name}", "", table, "", *lm_eval_table(evaluation), "", *notes(bench), "",
-            *serving(served, not_run or {}), "", *kernels(exp), "", *[f"![{p.stem}]({p.name})" for p in images]]
+    text = [f"# Report: {exp.name}", "", table, "", *skipped(evaluation, bench), "", *lm_eval_table(evaluation), "",
+            *notes(bench), "", *serving(served, not_run or {}), "", *kernels(exp), "",
+            *[f"![{p.stem}]({p.name})" for p in images]]
     replace(exp / "report.md", "\n".join(text) + "\n")
     return table
 

