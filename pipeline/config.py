@@ -260,8 +260,8 @@ class ServeConfig:
 
 @dataclass
 class MemoryConfig:
-    """What the stages may use of this machine: the plan (pipeline/plan.py) checks every stage against it, and eval
-    and bench place each artifact within it (across GPUs, then offloading to CPU)."""
+    """What the stages may use of this machine: the plan (pipeline/plan.py) checks every stage against what is free
+    less the headroom, and eval and bench place each artifact's weights within it (across GPUs, then offloading)."""
     # Per device, in accelerate's max_memory syntax: {"0": "70GiB", "1": "70GiB", "cpu": "200GiB"}. A device not
     # named: what is free on it when the run starts (host: see memory.host_budget), less `headroom`.
     max_memory: Dict[str, Any] = field(default_factory=dict)

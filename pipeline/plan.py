@@ -162,7 +162,7 @@ def stage_terms(stage: str, cfg: Config, s: Shape, on_gpu: bool, source_bytes: i
 FIXES = {"base": "a machine with more memory", "train": "train.batch_size, data.max_seq_len, "
          "train.gradient_checkpointing=true, train.lora_r", "merge": "a machine with more memory",
          "gptq": "gptq.calib_samples, gptq.calib_seq_len", "eval": "eval.artifacts without base16 and merged, "
-         "eval.lm_eval.batch_size, memory.max_memory (offload)", "bench": "bench.artifacts without base16 and merged, "
+         "eval.lm_eval.batch_size", "bench": "bench.artifacts without base16 and merged, "
          "bench.cpu.batch_sizes / bench.full.batch_sizes", "serve": "serve.cpu_kv_cache_gb, serve.enabled=false"}
 
 
@@ -209,10 +209,10 @@ def make(cfg: Config, stages: list[str], cached: set[str]) -> tuple[list[Row], s
     """The plan of these stages on this machine (cached ones are shown, not run), and the table that shows it."""
     from . import memory
 
-    budgets = memory.budgets(cfg.memory.max_memory, cfg.memory.headroom)
-    _, limit = memory.host_budget()
-    named = {str(key) for key in cfg.memory.max_memory}
-    host_limit = "memory.max_memory.cpu" if "cpu" in named else f"{limit}, less memory.headroom"
+    # The machine's room, not memory.max_memory: that caps where eval and bench put an artifact's weights (what
+    # does not fit goes to the next device or to disk), not what the process may hold.
+    budgets = memory.budgets({}, cfg.memory.headroom)
+    host_limit = f"{memory.host_budget()[1]}, less memory.headroom"
     planned = rows(cfg, stages, shape(cfg), budgets, cached)
     return planned, table(planned, cached, host_limit)
 
