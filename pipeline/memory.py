@@ -142,3 +142,19 @@ def budgets(max_memory: dict, headroom: float) -> dict:
     found = {i: int(free * (1 - headroom)) for i, free in enumerate(gpu_free())}
     found["cpu"] = int(host_budget()[0] * (1 - headroom))
     return {**found, **named}
+
+
+def process_tree_peak(pid: int) -> int:
+    """The peak resident sets (VmHWM) of a process and of every process under it, summed: a child server's memory,
+    which `peak` does not count. An upper bound on what they held at once."""
+    import psutil
+
+    root = psutil.Process(pid)
+    total = 0
+    for process in [root, *root.children(recursive=True)]:
+        try:
+            status = Path(f"/proc/{process.pid}/status").read_text()
+        except OSError:  # ended meanwhile
+            continue
+        total += next((int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmHWM:")), 0)
+    return total

