@@ -94,14 +94,28 @@ def forced_stages(cfg: Config) -> set[str]:
     return set(STAGES) if cfg.stage == "all" else {cfg.stage}
 
 
-def memory_plan(cfg: Config) -> dict[str, dict]:
-    """The predicted peak of each stage this run will build, logged as a table beside the cached ones; stops the run
-    when one cannot fit. Without a readable model config (a hub id out of reach) there is no plan: the base stage
-    says why."""
+def check_before_building(cfg: Config) -> dict[str, dict]:
+    """Rank 0's checks before anything is loaded or written, for the stages this run will build: every data row
+    readable (train), the lm-eval tasks known (eval), the architecture one GPTQModel quantizes (gptq), then the
+    memory plan. Returns the plan's predicted peak of each stage to build."""
     prints = fingerprints(cfg)
     stages = stages_for(cfg.stage)
     cached = {stage for stage in stages
               if stage not in forced_stages(cfg) and StageDir(store_dir(cfg), stage, prints[stage]).is_fresh()}
+    to_build = set(stages) - cached
+    if "train" in to_build:
+        preflight.check_data_rows(cfg.data)
+    if "eval" in to_build:
+        harness.check_tasks(cfg.eval.lm_eval)
+    if "gptq" in to_build:
+        preflight.check_gptq_support(cfg.model)  # before training a model that could not be quantized
+    return memory_plan(cfg, stages, cached)
+
+
+def memory_plan(cfg: Config, stages: list[str], cached: set[str]) -> dict[str, dict]:
+    """The predicted peak of each stage this run will build, logged as a table beside the cached ones; stops the run
+    when one cannot fit. Without a readable model config (a hub id out of reach) there is no plan: the base stage
+    says why."""
     if cached == set(stages) and not cfg.plan:
         return {}
     try:
@@ -121,7 +135,7 @@ def run(cfg: Config) -> dict[str, dict]:
     distributed.setup()
     validate(cfg)
     preflight.check(cfg)
-    predicted = memory_plan(cfg) if distributed.is_main() else {}
+    predicted = check_before_building(cfg) if distributed.is_main() else {}
     if cfg.plan:
         return {}
     exp = experiment_dir(cfg)
@@ -171,12 +185,6 @@ def run_stages(cfg: Config, exp: Path, predicted: dict[str, dict]) -> dict[str, 
     prints = fingerprints(cfg)
     artifacts = {stage: StageDir(store_dir(cfg), stage, prints[stage]) for stage in STAGES}
     main = distributed.is_main()
-    if main and "train" in stages_for(cfg.stage) and not artifacts["train"].is_fresh():
-        preflight.check_data_rows(cfg.data)  # every row readable, before the base stage loads a model
-    if main and "eval" in stages_for(cfg.stage) and not artifacts["eval"].is_fresh():
-        harness.check_tasks(cfg.eval.lm_eval)  # an unknown task name stops the run before any model loads
-    if main and "gptq" in stages_for(cfg.stage) and not artifacts["gptq"].is_fresh():
-        preflight.check_gptq_support(cfg.model)  # before training a model that could not be quantized
     results: dict[str, dict] = {}
     for stage in stages_for(cfg.stage):
         together = stage == "train"
