@@ -264,7 +264,8 @@ class MemoryConfig:
     less the headroom, and eval and bench place each artifact's weights within it (across GPUs, then offloading)."""
     # Per device, in accelerate's max_memory syntax: {"0": "70GiB", "1": "70GiB", "cpu": "200GiB"}. A device not
     # named: what is free on it when the run starts (host: see memory.host_budget), less `headroom`.
-    max_memory: Dict[str, Any] = field(default_factory=dict)
+    # null: none named. A mapping typed Any: a command line's memory.max_memory={cpu: 200GiB} replaces it whole.
+    max_memory: Any = None
     headroom: float = 0.1  # fraction of each device's free memory kept back (CUDA context, fragmentation)
 
 
@@ -417,7 +418,9 @@ def validate(cfg: Any) -> None:
     _check(cfg.merge.dtype in DTYPES, "merge.dtype", f"one of {DTYPES}", cfg.merge.dtype)
     _check(cfg.base.compute_dtype in DTYPES, "base.compute_dtype", f"one of {DTYPES}", cfg.base.compute_dtype)
     _check(0 <= cfg.memory.headroom < 1, "memory.headroom", "a fraction from 0 to below 1", cfg.memory.headroom)
-    for device_key, size in cfg.memory.max_memory.items():
+    _check(cfg.memory.max_memory is None or isinstance(cfg.memory.max_memory, Mapping), "memory.max_memory",
+           "a mapping such as {0: 70GiB, cpu: 200GiB}", cfg.memory.max_memory)
+    for device_key, size in (cfg.memory.max_memory or {}).items():
         _check(str(device_key) == "cpu" or str(device_key).isdigit(), f"memory.max_memory.{device_key}",
                "a GPU index or cpu as the key", device_key)
         _check(shard_bytes(size) is not None, f"memory.max_memory.{device_key}", 'a size such as "70GiB"', size)

@@ -133,12 +133,12 @@ def gpu_free() -> list[int]:
     return [torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count())]
 
 
-def budgets(max_memory: dict, headroom: float) -> dict:
+def budgets(max_memory: dict | None, headroom: float) -> dict:
     """What each device may hold, in accelerate's max_memory form ({0: bytes, 1: bytes, "cpu": bytes}): the sizes
     `memory.max_memory` names, else what is free less the headroom."""
     from .config import shard_bytes
 
-    named = {("cpu" if str(key) == "cpu" else int(key)): shard_bytes(size) for key, size in max_memory.items()}
+    named = {("cpu" if str(key) == "cpu" else int(key)): shard_bytes(size) for key, size in (max_memory or {}).items()}
     found = {i: int(free * (1 - headroom)) for i, free in enumerate(gpu_free())}
     found["cpu"] = int(host_budget()[0] * (1 - headroom))
     return {**found, **named}

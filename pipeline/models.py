@@ -397,15 +397,20 @@ def spill(name: str, path: Path) -> tuple[str, ...]:
     return ("gpus", "cpu", "disk")
 
 
-def load_placed(name: str, inputs: dict[str, Path], cfg, offload_folder: Path):
+def load_placed(stage: str, name: str, inputs: dict[str, Path], cfg, offload_folder: Path):
     """An artifact for eval and bench, placed within memory.max_memory / memory.headroom (see placement), and its
-    Placement; raises NoRoom when it cannot be. Delete `offload_folder` once done with the model."""
+    Placement; or, when it cannot be placed, why the stage skips it (logged). Delete `offload_folder` once done with
+    the model."""
     paths = artifact_paths(inputs)
     folders = [paths["nf4"], paths["qlora"]] if name == "qlora" else [local_dir(paths[name], cfg.model)]
-    placed = placement(sum(weight_bytes(folder) for folder in folders),
-                       memory.budgets(cfg.memory.max_memory, cfg.memory.headroom), spill(name, folders[-1]),
-                       offload_folder)
-    return computable(load_artifact(name, inputs, cfg, placed), placed), placed
+    try:
+        placed = placement(sum(weight_bytes(folder) for folder in folders),
+                           memory.budgets(cfg.memory.max_memory, cfg.memory.headroom), spill(name, folders[-1]),
+                           offload_folder)
+        return computable(load_artifact(name, inputs, cfg, placed), placed), placed
+    except NoRoom as why:
+        log.warning("%s: %s skipped: %s", stage, name, why.advice(stage))
+        return why.advice(stage)
 
 
 def computable(model, placed: Placement):

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from ..config import Config
-from ..models import NoRoom, device, kernel_names, load_placed, placed_on
+from ..models import device, kernel_names, load_placed, placed_on
 
 log = logging.getLogger(__name__)
 
@@ -169,12 +169,11 @@ def run(cfg: Config, work: Path, inputs: dict[str, Path]) -> dict:
     log.info("bench: copy bandwidth %.1f GB/s", bandwidth / 1e9)
     results = {}
     for name in b.artifacts:
-        try:
-            model, placed = load_placed(name, inputs, cfg, work / "offload")
-        except NoRoom as why:
-            results[name] = {"skipped": why.advice("bench")}
-            log.warning("bench: %s skipped: %s", name, results[name]["skipped"])
+        loaded = load_placed("bench", name, inputs, cfg, work / "offload")
+        if isinstance(loaded, str):
+            results[name] = {"skipped": loaded}
             continue
+        model, placed = loaded
         model.eval()
         per_token = weight_bytes_per_token(model)
         runs = []

@@ -18,7 +18,7 @@ import torch
 from .. import harness
 from ..config import Config, ConfigError
 from ..data import pydoc_texts, read_jsonl, row_text, task_chats, token_windows
-from ..models import (NoRoom, artifact_disk_bytes, artifact_paths, dequantized, load_placed, load_portable,
+from ..models import (artifact_disk_bytes, artifact_paths, dequantized, load_placed, load_portable,
                       load_tokenizer, nf4_weight, placed_on, quantized_kernels)
 from ..quality import perplexity, task_scores
 from . import gptq
@@ -104,12 +104,11 @@ def run(cfg: Config, work: Path, inputs: dict[str, Path]) -> dict:
             log.warning("eval: %s was not produced by this run (%s); skipped", name, path)
             results[name] = {"skipped": f"{path} does not exist"}
             continue
-        try:
-            model, placed = load_placed(name, inputs, cfg, work / "offload")
-        except NoRoom as why:
-            results[name] = {"skipped": why.advice("eval")}
-            log.warning("eval: %s skipped: %s", name, results[name]["skipped"])
+        loaded = load_placed("eval", name, inputs, cfg, work / "offload")
+        if isinstance(loaded, str):
+            results[name] = {"skipped": loaded}
             continue
+        model, placed = loaded
         log.info("eval: %s on %s", name, placed_on(model))
         model.eval()
         # Weights and memory first: on CPUs with AVX512-BF16 the first forward repacks NF4 weights in place.
