@@ -13,11 +13,8 @@ this CPU to the measured peaks of the tiny test models, the embedded default and
 from __future__ import annotations
 
 import dataclasses
-import logging
 
 from .config import Config, ConfigError
-
-log = logging.getLogger(__name__)
 
 GIB = 2**30
 # The process with the stage's libraries imported, before any model: the tiny models' measured peaks (their
@@ -103,7 +100,7 @@ def logits(tokens: int, s: Shape) -> int:
     return 4 * tokens * s.vocab  # fp32
 
 
-def gptq_checkpoint_bits(cfg: Config) -> float:
+def gptq_bytes_per_param(cfg: Config) -> float:
     group = cfg.gptq.group_size or 128  # null: chosen per model, 128 where it divides the layers' inputs
     return cfg.gptq.bits / 8 + 4 / (group if group > 0 else 4096)  # codes, a 16-bit scale and zero per group
 
@@ -144,7 +141,7 @@ def stage_terms(stage: str, cfg: Config, s: Shape, on_gpu: bool, source_bytes: i
                 "one layer, 16-bit and fp32": 6 * s.layer,
                 "Hessians of a module group": 2 * 4 * s.largest_input ** 2,
                 "calibration activations": 2 * 4 * cfg.gptq.calib_samples * cfg.gptq.calib_seq_len * s.hidden,
-                "AWQ repack of the checkpoint": four_bit(s, gptq_checkpoint_bits(cfg))
+                "AWQ repack of the checkpoint": four_bit(s, gptq_bytes_per_param(cfg))
                 if checkpoint_format(cfg.gptq) == "awq" else 0}
     if stage == "eval":  # one artifact at a time; the largest is 16-bit (base16, merged)
         lm_eval_batch = cfg.eval.lm_eval.batch_size if cfg.eval.lm_eval.tasks else 0
@@ -164,7 +161,7 @@ def stage_terms(stage: str, cfg: Config, s: Shape, on_gpu: bool, source_bytes: i
                 # measured on the default model on CPU: compiling the merged model's decoding step took 0.5 GiB
                 "torch.compile": 2 * largest if compiled_artifacts(cfg) else 0}
     if stage == "serve":  # transformers' answers from the checkpoint (this process), and the vLLM server
-        checkpoint = four_bit(s, gptq_checkpoint_bits(cfg))
+        checkpoint = four_bit(s, gptq_bytes_per_param(cfg))
         terms = {"checkpoint in transformers": checkpoint, **loading(checkpoint, on_gpu)}
         if on_gpu:  # vLLM takes gpu_memory_utilization of the card; what matters is that the weights fit
             return {**terms, "checkpoint in vLLM": checkpoint}
