@@ -264,9 +264,15 @@ def source_config(model: ModelConfig):
 
 def meta_model(path: str | Path, trust_remote_code: bool):
     """The model's modules on the meta device: every shape, no weights read or allocated."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    return meta_model_of(AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code), trust_remote_code)
+
+
+def meta_model_of(config, trust_remote_code: bool):
+    """A config's model on the meta device."""
+    from transformers import AutoModelForCausalLM
+
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
 
@@ -397,16 +403,21 @@ def spill(name: str, path: Path) -> tuple[str, ...]:
     return ("gpus", "cpu", "disk")
 
 
+def place(name: str, folders: list[Path], cfg, offload_folder: Path) -> Placement:
+    """Where an artifact whose weights are in `folders` goes, within memory.max_memory / memory.headroom (see
+    placement); raises NoRoom when nowhere."""
+    return placement(sum(weight_bytes(folder) for folder in folders),
+                     memory.budgets(cfg.memory.max_memory, cfg.memory.headroom), spill(name, folders[-1]),
+                     offload_folder)
+
+
 def load_placed(stage: str, name: str, inputs: dict[str, Path], cfg, offload_folder: Path):
-    """An artifact for eval and bench, placed within memory.max_memory / memory.headroom (see placement), and its
-    Placement; or, when it cannot be placed, why the stage skips it (logged). Delete `offload_folder` once done with
-    the model."""
+    """An artifact for eval and bench, placed (see place), and its Placement; or, when it cannot be placed, why the
+    stage skips it (logged). Delete `offload_folder` once done with the model."""
     paths = artifact_paths(inputs)
     folders = [paths["nf4"], paths["qlora"]] if name == "qlora" else [local_dir(paths[name], cfg.model)]
     try:
-        placed = placement(sum(weight_bytes(folder) for folder in folders),
-                           memory.budgets(cfg.memory.max_memory, cfg.memory.headroom), spill(name, folders[-1]),
-                           offload_folder)
+        placed = place(name, folders, cfg, offload_folder)
         return computable(load_artifact(name, inputs, cfg, placed), placed), placed
     except NoRoom as why:
         log.warning("%s: %s skipped: %s", stage, name, why.advice(stage))

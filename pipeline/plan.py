@@ -44,16 +44,13 @@ class Shape:
 
 def shape(cfg: Config) -> Shape:
     import torch
-    from transformers import AutoModelForCausalLM
 
-    from .models import source_config
+    from .models import meta_model_of, source_config
 
     config = source_config(cfg.model)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.model.trust_remote_code)
-    layers = model.model.layers if hasattr(model, "model") and hasattr(model.model, "layers") else None
-    blocks = list(layers) if layers is not None else [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)
-                                                      ][0]
+    model = meta_model_of(config, cfg.model.trust_remote_code)
+    # The decoder layers: a causal LM's first ModuleList (model.layers, gpt_neox.layers, transformer.h...)
+    blocks = next(m for m in model.modules() if isinstance(m, torch.nn.ModuleList))
     linears = [(name, m) for block in blocks for name, m in block.named_modules() if isinstance(m, torch.nn.Linear)]
     targets = cfg.train.target_modules
     lora = sum(cfg.train.lora_r * (m.in_features + m.out_features) for name, m in linears

@@ -33,7 +33,7 @@ import torch
 from .. import memory
 from ..config import Config, ConfigError, ServeConfig
 from ..data import read_jsonl, task_chats
-from ..models import (NoRoom, computable, gpu_budgets, load_gptq, load_tokenizer, placement, quantization_config, spill,
+from ..models import (NoRoom, computable, gpu_budgets, load_gptq, load_tokenizer, place, quantization_config,
                       weight_bytes)
 from ..quality import answer_scores, generate_answers
 from . import StageUnavailable
@@ -258,11 +258,10 @@ def check_fits(s: ServeConfig, tokenizer, prompts: list[list[dict]]) -> None:
 
 
 def transformers_answers(cfg: Config, checkpoint: Path, tokenizer, chats: list, offload_folder: Path) -> list[str]:
-    """Greedy answers of the checkpoint in transformers, placed as eval places it (models.placement); its GPU
+    """Greedy answers of the checkpoint in transformers, placed as eval places it (models.place); its GPU
     memory is given back before vLLM starts, which sizes its KV cache from what is free."""
     try:
-        placed = placement(weight_bytes(checkpoint), memory.budgets(cfg.memory.max_memory, cfg.memory.headroom),
-                           spill("gptq", checkpoint), offload_folder)
+        placed = place("gptq", [checkpoint], cfg, offload_folder)
         model = computable(load_gptq(checkpoint, placed), placed)
     except NoRoom as why:
         raise StageUnavailable(f"transformers cannot load the checkpoint to compare with vLLM: {why}") from None
