@@ -2,6 +2,7 @@
 Hydra-composed configs."""
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -11,6 +12,16 @@ from hydra import compose, initialize_config_dir
 
 from pipeline.data import alpaca_messages, builtin_task, pydoc_texts
 from pipeline.runner import run
+
+# The suite's workers (-n 2) share the machine's cores. Left alone, torch in each worker and in every pipeline process
+# a test starts runs an OpenMP thread per core, and threads spinning on a core the other worker holds slow tiny models
+# down 8x (a tiny train beside a busy neighbour, 2 cores: 66.8 s with 2 threads, 8.7 s with 1). Each worker gets its
+# share, inherited by the processes and SLURM jobs it starts. (Only in a worker: the controller, which imports this
+# file too, starts the workers with its environment.)
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    workers = int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // workers)))
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
