@@ -20,11 +20,17 @@ def _reset() -> bool:
         return False
 
 
+def _status_bytes(field: str, pid: int | str = "self") -> int:
+    """A size from a process's /proc status (VmRSS, VmHWM, VmSize, VmData), in bytes; 0 if it has none."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
 def _host_peak(since_reset: bool) -> int:
     if since_reset:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
+        return _status_bytes("VmHWM")
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB since the process started
 
 
@@ -43,6 +49,11 @@ def peak():
         measured["host_rss_bytes"] = _host_peak(since_reset)
         if torch.cuda.is_available():
             measured["device_bytes"] = torch.cuda.max_memory_allocated()
+
+
+def described(peaks: dict[str, int]) -> str:
+    """A `peak` dict in words: "host_rss 1.50 GiB, device 0.80 GiB"."""
+    return ", ".join(f"{key.removesuffix('_bytes')} {value / 2**30:.2f} GiB" for key, value in peaks.items())
 
 
 def _libc():
@@ -71,13 +82,6 @@ def release_freed_heap() -> None:
         _libc().malloc_trim(0)
     except (OSError, AttributeError, TypeError):
         pass
-
-
-def _status_bytes(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    return 0
 
 
 def _cgroup_limit() -> int | None:
@@ -152,9 +156,6 @@ def process_tree_peak(pid: int) -> int:
     root = psutil.Process(pid)
     total = 0
     for process in [root, *root.children(recursive=True)]:
-        try:
-            status = Path(f"/proc/{process.pid}/status").read_text()
-        except OSError:  # ended meanwhile
-            continue
-        total += next((int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmHWM:")), 0)
+        with contextlib.suppress(OSError):  # ended meanwhile
+            total += _status_bytes("VmHWM", process.pid)
     return total

@@ -94,14 +94,12 @@ def forced_stages(cfg: Config) -> set[str]:
     return set(STAGES) if cfg.stage == "all" else {cfg.stage}
 
 
-def check_before_building(cfg: Config) -> dict[str, dict]:
+def check_before_building(cfg: Config, artifacts: dict[str, StageDir]) -> dict[str, dict]:
     """Rank 0's checks before anything is loaded or written, for the stages this run will build: every data row
     readable (train), the lm-eval tasks known (eval), the architecture one GPTQModel quantizes (gptq), then the
     memory plan. Returns the plan's predicted peak of each stage to build."""
-    prints = fingerprints(cfg)
     stages = stages_for(cfg.stage)
-    cached = {stage for stage in stages
-              if stage not in forced_stages(cfg) and StageDir(store_dir(cfg), stage, prints[stage]).is_fresh()}
+    cached = {stage for stage in stages if stage not in forced_stages(cfg) and artifacts[stage].is_fresh()}
     to_build = set(stages) - cached
     if "train" in to_build:
         preflight.check_data_rows(cfg.data)
@@ -135,13 +133,15 @@ def run(cfg: Config) -> dict[str, dict]:
     distributed.setup()
     validate(cfg)
     preflight.check(cfg)
-    predicted = check_before_building(cfg) if distributed.is_main() else {}
+    prints = fingerprints(cfg)  # once: it hashes every local data file
+    artifacts = {stage: StageDir(store_dir(cfg), stage, prints[stage]) for stage in STAGES}
+    predicted = check_before_building(cfg, artifacts) if distributed.is_main() else {}
     if cfg.plan:
         return {}
     exp = experiment_dir(cfg)
     rank = "" if distributed.is_main() else f"-rank{distributed.rank()}"
     with log_file(exp / "logs" / f"{time.strftime('%Y-%m-%d_%H-%M-%S')}{rank}.log"):
-        return run_stages(cfg, exp, predicted)
+        return run_stages(cfg, exp, artifacts, predicted)
 
 
 def build(cfg: Config, artifact: StageDir, upstream: dict[str, StageDir], together: bool, forced: bool,
@@ -151,13 +151,14 @@ def build(cfg: Config, artifact: StageDir, upstream: dict[str, StageDir], togeth
     Rank 0 holds the artifact's lock, decides and writes; with `together`, the other ranks follow its
     decision and compute alongside it (the train stage under DDP/FSDP)."""
     main = distributed.is_main()
+    inputs = {up: a.path for up, a in upstream.items()}
     with artifact.locked(cfg.lock.wait, cfg.lock.timeout_s) if main else contextlib.nullcontext():
         work = None
         module = importlib.import_module(f"pipeline.stages.{artifact.stage}")
         if main:
             artifact.adopt(experiment_dir(cfg))
             if forced or not artifact.is_fresh():
-                why_not = module.missing(cfg) if hasattr(module, "missing") else None
+                why_not = module.missing(cfg, inputs) if hasattr(module, "missing") else None
                 if why_not:
                     raise StageUnavailable(why_not)
                 work = artifact.begin(resume=artifact.stage == "train")
@@ -168,11 +169,10 @@ def build(cfg: Config, artifact: StageDir, upstream: dict[str, StageDir], togeth
         log.info("%s: running -> %s", artifact.stage, artifact.path)
         start = time.perf_counter()
         with memory.peak() as peak:
-            metrics = module.run(cfg, work, {up: a.path for up, a in upstream.items()})
+            metrics = module.run(cfg, work, inputs)
         memory.release_freed_heap()  # the next stage starts without this one's freed heap
         seconds = time.perf_counter() - start
-        log.info("%s: peak memory %s", artifact.stage,
-                 ", ".join(f"{key.removesuffix('_bytes')} {value / 2**30:.2f} GiB" for key, value in peak.items()))
+        log.info("%s: peak memory %s", artifact.stage, memory.described(peak))
         if main:
             artifact.commit({"config": config_slice(cfg, artifact.stage), "seconds": round(seconds, 2),
                              "peak_memory": peak, "predicted_peak_memory": predicted,
@@ -181,9 +181,8 @@ def build(cfg: Config, artifact: StageDir, upstream: dict[str, StageDir], togeth
         return seconds
 
 
-def run_stages(cfg: Config, exp: Path, predicted: dict[str, dict]) -> dict[str, dict]:
-    prints = fingerprints(cfg)
-    artifacts = {stage: StageDir(store_dir(cfg), stage, prints[stage]) for stage in STAGES}
+def run_stages(cfg: Config, exp: Path, artifacts: dict[str, StageDir],
+               predicted: dict[str, dict]) -> dict[str, dict]:
     main = distributed.is_main()
     results: dict[str, dict] = {}
     for stage in stages_for(cfg.stage):

@@ -12,7 +12,7 @@ import json
 import re
 from pathlib import Path
 
-from pipeline import report
+from pipeline import memory, report
 from pipeline.artifacts import read_manifest
 from pipeline.config import STAGES
 
@@ -107,8 +107,7 @@ def markdown(exp: Path, check: dict, kernel_lines: list[str], serve_lines: list[
         if "not_run" in t:
             lines.append(f"| {stage} | not run: {t['not_run']} | | |")
         else:
-            peaks = ", ".join(f"{key.removesuffix('_bytes')} {value / 2**30:.2f} GiB"
-                              for key, value in t["peak_memory"].items())
+            peaks = memory.described(t["peak_memory"])
             plan = t["predicted_peak_memory"]
             predicted = f"{plan['bytes'] / 2**30:.2f} GiB on {plan['where']}" if plan else "-"
             lines.append(f"| {stage} | {t['seconds']:.1f} | {peaks} | {predicted} |")

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -29,7 +30,7 @@ SMALL = ["serve.enabled=true", "serve.task_examples=8", "serve.max_new_tokens=8"
 
 @pytest.fixture(scope="module")
 def vllm_here(finished):
-    why_not = missing(compose_config(*finished[1], *SMALL))
+    why_not = missing(compose_config(*finished[1], *SMALL), {"gptq": finished[0] / "default" / "gptq"})
     if why_not:
         pytest.skip(why_not)
 
@@ -118,13 +119,15 @@ def test_a_serve_max_model_len_too_short_for_the_prompts_is_refused_before_servi
 
 
 def test_a_checkpoint_vllm_refuses_is_not_served_and_says_why():
-    why = missing(compose_config("serve.enabled=true", "gptq.bits=3"))
+    unbuilt = {"gptq": Path("not-built")}  # refused from its settings, before the checkpoint is built
+    why = missing(compose_config("serve.enabled=true", "gptq.bits=3"), unbuilt)
     assert why and "bits=3" in why, why
-    assert "sym=false in the GPTQ layout" in missing(compose_config("serve.enabled=true", "gptq.format=gptq"))
+    assert "sym=false in the GPTQ layout" in missing(compose_config("serve.enabled=true", "gptq.format=gptq"),
+                                                     unbuilt)
     if not torch.cuda.is_available():  # vLLM's CPU build fails to start on 8-bit GPTQ layers: say so up front
         eight_bit_layer = "gptq.dynamic={model.layers.11.mlp.down_proj:{bits:8}}"
         assert "bits=8: vLLM's GPTQ kernels take 4 bits on CPU" in missing(compose_config(
-            "serve.enabled=true", "gptq.sym=true", eight_bit_layer))
+            "serve.enabled=true", "gptq.sym=true", eight_bit_layer), unbuilt)
 
 
 def test_without_vllm_the_run_completes_and_says_not_served(copy_of):

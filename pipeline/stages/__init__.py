@@ -1,5 +1,5 @@
 """One module per stage, each with `run(cfg, work, inputs)`; a stage that needs something a machine may lack also
-has `missing(cfg)`, which says what (the runner then skips it and the run goes on)."""
+has `missing(cfg, inputs)`, which says what (the runner then skips it and the run goes on)."""
 
 
 class StageUnavailable(Exception):

@@ -84,17 +84,15 @@ def tensor_parallel(cfg: Config, checkpoint: Path) -> int | None:
     return tensor_parallel_size(weight_bytes(checkpoint), per_gpu(cfg), attention_heads(checkpoint))
 
 
-def missing(cfg: Config) -> str | None:
+def missing(cfg: Config, inputs: dict[str, Path]) -> str | None:
     """Why this run does not serve (turned off, a checkpoint vLLM refuses or the GPUs cannot hold, no vLLM, or a
     vLLM build this CPU cannot run), or None."""
-    from ..runner import experiment_dir  # here, not at the top: the runner imports the stages
-
     if not cfg.serve.enabled:
         return "serve.enabled=false"
     refused = settings_problems(cfg.gptq, on_cpu=not torch.cuda.is_available())
     if refused:
         return f"vLLM cannot serve this GPTQ checkpoint: {'; '.join(refused)}"
-    checkpoint = experiment_dir(cfg) / "gptq"  # built by now when the runner asks
+    checkpoint = inputs["gptq"]  # built by now when the runner asks
     if (checkpoint / "config.json").is_file() and tensor_parallel(cfg, checkpoint) is None:
         budgets = per_gpu(cfg)
         return (f"the checkpoint's {weight_bytes(checkpoint) / 1e9:.1f} GB of weights need more GPUs than the "
