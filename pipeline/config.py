@@ -94,7 +94,6 @@ class DataConfig:
 class BaseConfig:
     quant_type: str = "nf4"
     double_quant: bool = True
-    compute_dtype: str = "bfloat16"
     # The dtype the packed 4-bit weights are stored in. FSDP needs it equal to the other weights' dtype
     # (bfloat16) to shard them together; uint8 otherwise.
     quant_storage: str = "uint8"
@@ -195,9 +194,10 @@ MIN_CALIB_SEQ_LEN = 11  # GPTQModel drops calibration windows of 10 tokens or fe
 @dataclass
 class LmEvalConfig:
     """lm-evaluation-harness on every artifact (pipeline/harness.py)."""
-    # pipeline_text and pipeline_heldout (the pipeline's own, offline), lm-eval's (hellaswag, arc_easy, mmlu...:
-    # these read the hub) or tasks of your own in include_path. [] turns lm-eval off.
-    tasks: list = field(default_factory=lambda: ["pipeline_text", "pipeline_heldout"])
+    # pipeline_heldout and pipeline_text (the pipeline's own, offline; pipeline_text scores the perplexity windows
+    # again, as bits per byte: not by default), lm-eval's (hellaswag, arc_easy, mmlu...: these read the hub) or tasks of
+    # your own in include_path. [] turns lm-eval off.
+    tasks: list = field(default_factory=lambda: ["pipeline_heldout"])
     include_path: Optional[str] = None  # a folder of task YAML
     batch_size: int = 8
     limit: Optional[int] = None  # examples per task (null: all)
@@ -216,7 +216,7 @@ class EvalConfig:
     ppl_seq_len: int = 256
     task_examples: int = 96  # held-out rows scored by exact match with greedy decoding
     max_new_tokens: int = 16
-    batch_size: int = 16
+    batch_size: int = 96  # prompts generated at once (on CPU a decoding step costs about the same at 16 or 96)
     histogram_layer: str = "model.layers.0.mlp.down_proj"
     lm_eval: LmEvalConfig = field(default_factory=LmEvalConfig)
 
@@ -304,7 +304,10 @@ class Config:
     force: bool = False
     seed: int = 0
     debug: bool = False  # full tracebacks for user errors too
-    plan: bool = False  # print the memory plan of the run and exit
+    plan: bool = False  # print the plan of the run (each stage's predicted peak memory and time) and exit
+    # The dtype every stage computes in (NF4 layers, 16-bit artifacts in eval and bench, GPTQ's passes, vLLM): auto is
+    # bfloat16 where this machine computes it fast, else float16 on a GPU, float32 on a CPU (pipeline/compute.py).
+    compute_dtype: str = "auto"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     base: BaseConfig = field(default_factory=BaseConfig)
@@ -416,7 +419,7 @@ def validate(cfg: Any) -> None:
            "letters, digits, '.', '_' and '-' (it names a folder inside output_dir)", cfg.experiment)
     _check(cfg.model.dtype in DTYPES, "model.dtype", f"one of {DTYPES}", cfg.model.dtype)
     _check(cfg.merge.dtype in DTYPES, "merge.dtype", f"one of {DTYPES}", cfg.merge.dtype)
-    _check(cfg.base.compute_dtype in DTYPES, "base.compute_dtype", f"one of {DTYPES}", cfg.base.compute_dtype)
+    _check(cfg.compute_dtype in ("auto",) + DTYPES, "compute_dtype", f"auto or one of {DTYPES}", cfg.compute_dtype)
     _check(0 <= cfg.memory.headroom < 1, "memory.headroom", "a fraction from 0 to below 1", cfg.memory.headroom)
     _check(cfg.memory.max_memory is None or isinstance(cfg.memory.max_memory, Mapping), "memory.max_memory",
            "a mapping such as {0: 70GiB, cpu: 200GiB}", cfg.memory.max_memory)

@@ -1,6 +1,7 @@
 """Model loading shared by every stage: where a model comes from, which device and dtype, NF4 settings."""
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import shutil
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from . import distributed, memory
+from . import compute, distributed, memory
 from .config import BaseConfig, ConfigError, ModelConfig
 from .data import DEFAULT_CHAT_TEMPLATE
 
@@ -122,13 +123,16 @@ def materialize_gguf(gguf: Path, dtype: str, out_dir: Path) -> None:
     AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(out_dir)
 
 
-def bnb_config(base: BaseConfig):
+def bnb_config(base: BaseConfig, dtype: str):
+    """The base stage's 4-bit settings; `dtype` is what the checkpoint records as its compute dtype (the source's
+    16-bit dtype: the NF4 checkpoint is the same on every machine, and whoever loads it sets their own, see
+    load_nf4)."""
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=base.quant_type,
                               bnb_4bit_use_double_quant=base.double_quant,
                               bnb_4bit_quant_storage=getattr(torch, base.quant_storage),
-                              bnb_4bit_compute_dtype=torch_dtype(base.compute_dtype))
+                              bnb_4bit_compute_dtype=torch_dtype(dtype))
 
 
 def nf4_layers(model) -> list:
@@ -136,6 +140,23 @@ def nf4_layers(model) -> list:
     import bitsandbytes as bnb
 
     return [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+
+
+def cast_parameters(model, dtype: torch.dtype):
+    """The model's unquantized parameters in `dtype`, for loaders that keep them as saved (transformers with a
+    bitsandbytes 4-bit checkpoint, whatever dtype it is asked for) or take 16 bits only (GPTQModel's kernels)."""
+    import bitsandbytes as bnb
+
+    for param in model.parameters():
+        if param.is_floating_point() and not isinstance(param, bnb.nn.Params4bit):
+            param.data = param.data.to(dtype)
+    return model
+
+
+def computes_in(model) -> str:
+    """The dtype a loaded model computes in: its 4-bit layers' compute dtype, else its parameters' dtype."""
+    layers = nf4_layers(model)
+    return str(layers[0].compute_dtype if layers else model.dtype).removeprefix("torch.")
 
 
 def repacked_for_cpu(layer) -> bool:
@@ -245,10 +266,34 @@ def load_causal_lm(path: str | Path, model: ModelConfig, dtype: str, quantizatio
     from transformers import AutoModelForCausalLM
 
     extra = {"quantization_config": quantization_config} if quantization_config is not None else {}
-    return AutoModelForCausalLM.from_pretrained(
+    return contiguous_head_input(AutoModelForCausalLM.from_pretrained(
         str(path), dtype=torch_dtype(dtype), trust_remote_code=model.trust_remote_code,
         use_safetensors=None if model.allow_pickle else True,
-        revision=model.revision if str(path) == model.name_or_path else None, **placed.kwargs(), **extra)
+        revision=model.revision if str(path) == model.name_or_path else None, **placed.kwargs(), **extra))
+
+
+def contiguous_head_input(model):
+    """The LM head fed a contiguous copy of its input. Generation slices the last position out of the prompt's hidden
+    states (a strided view), and PyTorch 2.13's bfloat16 linear on CPU then copies its weight once per batch row:
+    batch x vocabulary x hidden x 2 bytes, 5.2 GB for 96 prompts on SmolLM2 (measured). The copy costs batch x
+    hidden."""
+    head = model.get_output_embeddings()
+    if head is not None:
+        head.register_forward_pre_hook(lambda module, args: (args[0].contiguous(), *args[1:]))
+    return model
+
+
+def load_nf4(path: str | Path, cfg, placed: Placement = ONE_DEVICE):
+    """The NF4 checkpoint at `path` computing in the run's compute dtype: its 16-bit parts loaded in it, and its
+    4-bit layers dequantizing to it and multiplying in it (the checkpoint records the dtype it was saved with).
+    bitsandbytes' packed CPU kernel (see repacked_for_cpu) computes in bfloat16 whatever is asked, so it stays off
+    unless the run computes in bfloat16."""
+    dtype = compute.dtype(cfg)
+    model = cast_parameters(load_causal_lm(path, cfg.model, compute.dtype_name(cfg), placed=placed), dtype)
+    for layer in nf4_layers(model):
+        layer.compute_dtype = layer.weight.quant_state.dtype = dtype
+        layer.support_avx512bf16_for_cpu = layer.support_avx512bf16_for_cpu and dtype == torch.bfloat16
+    return model
 
 
 def source_config(model: ModelConfig):
@@ -257,9 +302,18 @@ def source_config(model: ModelConfig):
 
     gguf = gguf_file(model.name_or_path)
     if gguf is not None:
-        return AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        return gguf_config(gguf)
     return AutoConfig.from_pretrained(model.name_or_path, trust_remote_code=model.trust_remote_code,
                                       revision=model.revision)
+
+
+@functools.lru_cache(maxsize=4)
+def gguf_config(gguf: Path):
+    """A GGUF file's model config, read once a process: it takes seconds (transformers reads every tensor's
+    metadata), and the checks and the plan each need it."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
 
 
 def meta_model(path: str | Path, trust_remote_code: bool):
@@ -319,11 +373,11 @@ def quantization_config(path: Path) -> dict:
     return json.loads((path / "config.json").read_text())["quantization_config"]
 
 
-def load_gptq(path: Path, placed: Placement = ONE_DEVICE):
-    """The gptq stage's checkpoint (GPTQ or AWQ layout) loaded with transformers, as users load it, on the fastest
-    kernel that takes it, where `placed` says. One with per-module settings (gptq.dynamic) loads with GPTQModel on
-    this process's device, as vLLM reads it too: transformers' GPTQ loader drops them and fails on the layers they
-    change."""
+def load_gptq(path: Path, dtype: torch.dtype, placed: Placement = ONE_DEVICE):
+    """The gptq stage's checkpoint (GPTQ or AWQ layout) loaded with transformers, as users load it, computing in
+    `dtype` on the fastest kernel that takes it, where `placed` says. One with per-module settings (gptq.dynamic)
+    loads with GPTQModel on this process's device, as vLLM reads it too: transformers' GPTQ loader drops them and
+    fails on the layers they change."""
     from transformers import AutoModelForCausalLM, AwqConfig, GPTQConfig
 
     quantization = quantization_config(path)
@@ -334,18 +388,22 @@ def load_gptq(path: Path, placed: Placement = ONE_DEVICE):
         if quantization.get("dynamic"):
             from gptqmodel import GPTQModel
 
-            return GPTQModel.load(str(path), device=device(), backend=backend).model
+            # GPTQModel's kernels load in 16 bits only; they take float32 inputs once the rest is cast to it.
+            sixteen = torch.bfloat16 if dtype == torch.float32 else dtype
+            return cast_parameters(GPTQModel.load(str(path), device=device(), backend=backend, dtype=sixteen).model,
+                                   dtype)
         config = {"gptq": GPTQConfig, "awq": AwqConfig}[method]
         kernel = {} if backend == "auto" else {"quantization_config": config(bits=quantization["bits"],
                                                                              backend=backend)}
-        return AutoModelForCausalLM.from_pretrained(str(path), use_safetensors=True, **placed.kwargs(), **kernel)
+        return AutoModelForCausalLM.from_pretrained(str(path), use_safetensors=True, dtype=dtype, **placed.kwargs(),
+                                                    **kernel)
     for backend in preferred:
         try:
-            return load(backend)
+            return contiguous_head_input(load(backend))
         except (NotImplementedError, ValueError, RuntimeError) as err:
             log.info("%s kernel %s cannot load %s (%s); trying the next", method.upper(), backend, path.name,
                      str(err).strip().splitlines()[0][:160])
-    return load(portable)
+    return contiguous_head_input(load(portable))
 
 
 def load_portable(path: Path):
@@ -371,22 +429,44 @@ def load_artifact(name: str, inputs: dict[str, Path], cfg, placed: Placement = O
     """One artifact of a run as a model on this process's device, or where `placed` says (qlora: the NF4 base with
     the adapter)."""
     paths = artifact_paths(inputs)
-    if name == "base16":
-        return load_causal_lm(paths["base16"], cfg.model, cfg.model.dtype, placed=placed)
+    if name in ("base16", "merged"):
+        return load_causal_lm(paths[name], cfg.model, compute.dtype_name(cfg), placed=placed)
     if name in ("nf4", "qlora"):
-        model = load_causal_lm(paths["nf4"], cfg.model, cfg.base.compute_dtype, placed=placed)
+        model = load_nf4(paths["nf4"], cfg, placed)
         if name == "nf4":
             return model
         from peft import PeftModel
         return PeftModel.from_pretrained(model, paths["qlora"])
-    if name == "merged":
-        return load_causal_lm(paths["merged"], cfg.model, cfg.merge.dtype, placed=placed)
-    return load_gptq(paths[name], placed)  # gptq, rtn
+    return load_gptq(paths[name], compute.dtype(cfg), placed)  # gptq, rtn
 
 
-def weight_bytes(path: Path) -> int:
-    """Bytes of a checkpoint's weight files (what its model holds in memory, give or take the buffers)."""
-    return sum(p.stat().st_size for p in path.iterdir() if p.suffix in (".safetensors", ".bin"))
+def safetensors_header(file: Path) -> tuple[dict, int]:
+    """A safetensors file's tensor entries (name -> dtype, shape, data_offsets) and where their data starts."""
+    with file.open("rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+    header.pop("__metadata__", None)
+    return header, 8 + size
+
+
+FLOAT_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}  # safetensors' names
+
+
+def weight_bytes(path: Path, dtype: torch.dtype | None = None) -> int:
+    """Bytes of a checkpoint's weights in memory: its weight files', or, with `dtype`, with its floating-point weights
+    and biases in `dtype`, as eval and bench load it (quantized codes, their scales and bitsandbytes' quantization
+    state stay as stored)."""
+    total = 0
+    for file in path.iterdir():
+        if file.suffix == ".bin" or (file.suffix == ".safetensors" and dtype is None):
+            total += file.stat().st_size
+        elif file.suffix == ".safetensors":
+            for name, entry in safetensors_header(file)[0].items():
+                begin, end = entry["data_offsets"]
+                stored = FLOAT_BYTES.get(entry["dtype"])
+                rescale = stored and name.endswith((".weight", ".bias"))
+                total += (end - begin) // stored * dtype.itemsize if rescale else end - begin
+    return total
 
 
 def spill(name: str, path: Path) -> tuple[str, ...]:
@@ -406,7 +486,7 @@ def spill(name: str, path: Path) -> tuple[str, ...]:
 def place(name: str, folders: list[Path], cfg, offload_folder: Path) -> Placement:
     """Where an artifact whose weights are in `folders` goes, within memory.max_memory / memory.headroom (see
     placement); raises NoRoom when nowhere."""
-    return placement(sum(weight_bytes(folder) for folder in folders),
+    return placement(sum(weight_bytes(folder, compute.dtype(cfg)) for folder in folders),
                      memory.budgets(cfg.memory.max_memory, cfg.memory.headroom), spill(name, folders[-1]),
                      offload_folder)
 

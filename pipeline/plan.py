@@ -1,4 +1,5 @@
-"""The memory plan: before any model is loaded, each stage's predicted peak against what the machine has.
+"""The plan: before any model is loaded, each stage's predicted peak memory against what the machine has, and its
+predicted time (pipeline/timing.py).
 
 The model's shapes come from its config on the meta device (no weights read); the machine's room from
 memory.budgets (each visible GPU's free memory; the host memory this process may really use: available memory,
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from . import compute, timing
 from .config import Config, ConfigError
 
 GIB = 2**30
@@ -40,6 +42,9 @@ class Shape:
     layers: int
     largest_input: int  # the widest input of a linear module (a GPTQ Hessian is its square, in fp32)
     kv_bytes_per_token: int  # K and V of every layer, in 16 bits
+    modules: int  # the decoder layers' linear modules (what GPTQ quantizes one by one)
+    inputs_squared: int  # their inputs squared, summed (a Hessian's entries)
+    solver_flops: int  # their inputs squared times outputs, summed (GPTQ's solve)
 
 
 def shape(cfg: Config) -> Shape:
@@ -67,7 +72,9 @@ def shape(cfg: Config) -> Shape:
                  embedding=embed.weight.numel() + (0 if tied or head is None else head.weight.numel()),
                  lora=lora, hidden=text.hidden_size, vocab=text.vocab_size, layers=len(blocks),
                  largest_input=max(m.in_features for _, m in linears),
-                 kv_bytes_per_token=2 * len(blocks) * kv_heads * head_dim * 2)
+                 kv_bytes_per_token=2 * len(blocks) * kv_heads * head_dim * 2, modules=len(linears),
+                 inputs_squared=sum(m.in_features ** 2 for _, m in linears),
+                 solver_flops=sum(m.in_features ** 2 * m.out_features for _, m in linears))
 
 
 @dataclasses.dataclass
@@ -78,6 +85,7 @@ class Row:
     available: int
     terms: dict  # name -> bytes: why it is that much
     fix: str  # the keys that make it smaller
+    seconds: dict  # name -> seconds: how long it takes (pipeline/timing.py)
 
     @property
     def fits(self) -> bool:
@@ -173,9 +181,11 @@ FIXES = {"base": "a machine with more memory", "train": "train.batch_size, data.
          "bench.cpu.batch_sizes / bench.full.batch_sizes", "serve": "serve.cpu_kv_cache_gb, serve.enabled=false"}
 
 
-def rows(cfg: Config, stages: list[str], s: Shape, budgets: dict, cached: set[str] = frozenset()) -> list[Row]:
+def rows(cfg: Config, stages: list[str], s: Shape, budgets: dict, rates: timing.Rates, typical: timing.Chats,
+         cached: set[str] = frozenset()) -> list[Row]:
     from .models import gguf_file
     from .preflight import source_bytes
+    from .stages.serve import unservable
 
     gpus = [key for key in budgets if key != "cpu"]
     on_gpu = bool(gpus)
@@ -185,7 +195,7 @@ def rows(cfg: Config, stages: list[str], s: Shape, budgets: dict, cached: set[st
     gguf = gguf_file(cfg.model.name_or_path) is not None
     planned, floor = [], 0.0
     for stage in stages:
-        if stage == "serve" and not cfg.serve.enabled:
+        if stage == "serve" and unservable(cfg):  # the runner says why when it comes to it
             continue
         terms = stage_terms(stage, cfg, s, on_gpu, source, gguf)
         if stage not in cached:  # a cached stage does not run in this process: it imports nothing here
@@ -198,18 +208,26 @@ def rows(cfg: Config, stages: list[str], s: Shape, budgets: dict, cached: set[st
             place, room = f"cuda:0-{len(gpus) - 1}", sum(budgets[g] for g in gpus)
             if need > room:
                 place, room = place + " + cpu offload", room + budgets["cpu"]
-        planned.append(Row(stage, place, need, room, terms, FIXES[stage]))
+        planned.append(Row(stage, place, need, room, terms, FIXES[stage],
+                           timing.stage_terms(stage, cfg, s, rates, typical, gguf)))
     return planned
 
 
-def table(planned: list[Row], cached: set[str], host_limit: str) -> str:
-    lines = [f"{'stage':<6} {'runs on':<22} {'predicted':>10} {'available':>10}",
-             f"{'-' * 6} {'-' * 22} {'-' * 10} {'-' * 10}"]
+def duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 100 else f"{seconds / 60:.1f} min" if seconds < 6000 else \
+        f"{seconds / 3600:.1f} h"
+
+
+def table(planned: list[Row], cached: set[str], host_limit: str, computing: str) -> str:
+    lines = [f"{'stage':<6} {'runs on':<22} {'predicted':>10} {'available':>10} {'time':>9}",
+             f"{'-' * 6} {'-' * 22} {'-' * 10} {'-' * 10} {'-' * 9}"]
     for row in planned:
         mark = " cached" if row.stage in cached else "" if row.fits else "  DOES NOT FIT"
         lines.append(f"{row.stage:<6} {row.where:<22} {row.predicted / GIB:>8.2f} G {row.available / GIB:>8.2f} G"
-                     f"{mark}")
-    lines.append(f"(peaks predicted from the model's shapes, see docs/memory.md; host memory: {host_limit})")
+                     f" {'-' if row.stage in cached else duration(sum(row.seconds.values())):>9}{mark}")
+    to_run = sum(sum(row.seconds.values()) for row in planned if row.stage not in cached)
+    lines.append(f"(peaks and times predicted from the model's shapes and this machine's matmul rate, see "
+                 f"docs/memory.md; {computing}; host memory: {host_limit}; about {duration(to_run)} to run)")
     return "\n".join(lines)
 
 
@@ -221,8 +239,8 @@ def make(cfg: Config, stages: list[str], cached: set[str]) -> tuple[list[Row], s
     # does not fit goes to the next device or to disk), not what the process may hold.
     budgets = memory.budgets({}, cfg.memory.headroom)
     host_limit = f"{memory.host_budget()[1]}, less memory.headroom"
-    planned = rows(cfg, stages, shape(cfg), budgets, cached)
-    return planned, table(planned, cached, host_limit)
+    planned = rows(cfg, stages, shape(cfg), budgets, timing.machine_rates(cfg), timing.chats(cfg), cached)
+    return planned, table(planned, cached, host_limit, compute.why(cfg))
 
 
 def refuse_misfits(planned: list[Row], cached: set[str]) -> None:
@@ -239,4 +257,8 @@ def refuse_misfits(planned: list[Row], cached: set[str]) -> None:
 def predicted_bytes(row: Row) -> dict:
     return {"where": row.where, "bytes": row.predicted, "available_bytes": row.available,
             "terms": {name: int(value) for name, value in row.terms.items()}}
+
+
+def predicted_seconds(row: Row) -> dict:
+    return {"seconds": round(sum(row.seconds.values()), 1), "terms": row.seconds}
 

@@ -188,6 +188,12 @@ def notes(bench: dict) -> list[str]:
             f"Device: {where} ({device['threads']} threads{cuda}), torch {device['torch']}.", *fastest_4bit(bench)]
 
 
+def computed(evaluation: dict, bench: dict) -> list[str]:
+    """The dtype the measurements computed in, and why (compute_dtype, resolved on the machine that ran them)."""
+    record = evaluation.get("compute") or bench.get("compute")
+    return [f"Computed in {record['dtype']}: {record['why']}."] if record else []
+
+
 def fastest_4bit(bench: dict) -> list[str]:
     """Which 4-bit format decodes fastest at batch 1 on this machine, and on which kernels."""
     speeds = {name: (_batch1(bench["artifacts"][name]) or {}).get("decode_tok_s", {}).get("median")
@@ -282,7 +288,7 @@ def write(exp: Path, not_run: dict[str, str] | None = None) -> str | None:
     table = markdown(rows(evaluation, bench, served))
     images = plots(exp, evaluation, bench)
     text = [f"# Report: {exp.name}", "", table, "", *skipped(evaluation, bench), "", *lm_eval_table(evaluation), "",
-            *notes(bench), "", *serving(served, not_run or {}), "", *kernels(exp), "",
+            *notes(bench), *computed(evaluation, bench), "", *serving(served, not_run or {}), "", *kernels(exp), "",
             *[f"![{p.stem}]({p.name})" for p in images]]
     replace(exp / "report.md", "\n".join(text) + "\n")
     return table

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from . import __version__, card, distributed, harness, memory, plan, preflight, report
+from . import __version__, card, compute, distributed, harness, memory, plan, preflight, report
 from .artifacts import StageDir, fingerprint
 from .config import STAGES, Config, validate
 from .data import data_identity
@@ -28,13 +28,18 @@ log = logging.getLogger(__name__)
 UPSTREAM = {"base": [], "train": ["base"], "merge": ["base", "train"], "gptq": ["train", "merge"],
             "eval": ["base", "train", "merge", "gptq"], "bench": ["base", "train", "merge", "gptq"],
             "serve": ["train", "gptq"]}
-CONFIG_KEYS = {"base": ["model", "base"], "train": ["data", "train", "seed"], "merge": ["merge"],
-               "gptq": ["gptq", "seed"], "eval": ["eval", "seed"], "bench": ["bench", "seed"],
-               "serve": ["serve", "seed"]}
+# compute_dtype as resolved on this machine (compute.py): an adapter trained in float32 is not the one trained in
+# bfloat16, so a store shared by machines of both kinds keeps one of each. The base stage quantizes the weights as
+# stored, whatever the machine computes in.
+CONFIG_KEYS = {"base": ["model", "base"], "train": ["data", "train", "seed", "compute_dtype"],
+               "merge": ["merge", "compute_dtype"], "gptq": ["gptq", "seed", "compute_dtype"],
+               "eval": ["eval", "seed", "compute_dtype"], "bench": ["bench", "seed", "compute_dtype"],
+               "serve": ["serve", "seed", "compute_dtype"]}
 
 
 def config_slice(cfg: Config, stage: str) -> dict:
     plain = OmegaConf.to_container(cfg if OmegaConf.is_config(cfg) else OmegaConf.structured(cfg), resolve=True)
+    plain["compute_dtype"] = compute.dtype_name(cfg)
     return {key: plain[key] for key in CONFIG_KEYS[stage]}
 
 
@@ -121,10 +126,11 @@ def memory_plan(cfg: Config, stages: list[str], cached: set[str]) -> dict[str, d
     except OSError as err:
         log.warning("memory plan: the model's config cannot be read (%s); not planned", str(err).splitlines()[0])
         return {}
-    log.info("memory plan:\n%s", table)
+    log.info("plan:\n%s", table)
     if not cfg.plan:
         plan.refuse_misfits(planned, cached)
-    return {row.stage: plan.predicted_bytes(row) for row in planned if row.stage not in cached}
+    return {row.stage: {"peak_memory": plan.predicted_bytes(row), "seconds": plan.predicted_seconds(row)}
+            for row in planned if row.stage not in cached}
 
 
 def run(cfg: Config) -> dict[str, dict]:
@@ -132,6 +138,8 @@ def run(cfg: Config) -> dict[str, dict]:
     With `plan=true`, logs the memory plan and returns {} having written nothing."""
     distributed.setup()
     validate(cfg)
+    if distributed.is_main():
+        log.info("compute: %s", compute.why(cfg))
     preflight.check(cfg)
     prints = fingerprints(cfg)  # once: it hashes every local data file
     artifacts = {stage: StageDir(store_dir(cfg), stage, prints[stage]) for stage in STAGES}
@@ -174,8 +182,9 @@ def build(cfg: Config, artifact: StageDir, upstream: dict[str, StageDir], togeth
         seconds = time.perf_counter() - start
         log.info("%s: peak memory %s", artifact.stage, memory.described(peak))
         if main:
-            artifact.commit({"config": config_slice(cfg, artifact.stage), "seconds": round(seconds, 2),
-                             "peak_memory": peak, "predicted_peak_memory": predicted,
+            artifact.commit({"config": config_slice(cfg, artifact.stage), "compute": compute.record(cfg),
+                             "seconds": round(seconds, 2), "predicted_seconds": (predicted or {}).get("seconds"),
+                             "peak_memory": peak, "predicted_peak_memory": (predicted or {}).get("peak_memory"),
                              "upstream": {up: a.fingerprint for up, a in upstream.items()}, "metrics": metrics,
                              "processes": distributed.world_size()})
         return seconds

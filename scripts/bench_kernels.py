@@ -1,5 +1,6 @@
 """Kernel speed at the sizes users deploy: decoder layers of a Llama-3-8B shape (random weights: speed does not
-depend on the values) in bf16, bitsandbytes NF4 and GPTQ 4-bit, timed as decode-sized (1 token) and
+depend on the values) dense (in the compute dtype, `compute_dtype=auto` as the pipeline resolves it: bf16 where
+the machine computes it fast), bitsandbytes NF4 and GPTQ 4-bit, timed as decode-sized (1 token) and
 prefill-sized matmuls and as a whole decode step, each against the memory-bandwidth roofline. Writes JSON.
 
     python scripts/bench_kernels.py                      # 8B shape: 4 layers on a GPU, 2 on a CPU
@@ -21,12 +22,13 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from pipeline import compute
 from pipeline.config import BaseConfig, Config, ModelConfig
-from pipeline.models import bnb_config, device, kernel_names, load_causal_lm, load_gptq
+from pipeline.models import bnb_config, device, kernel_names, load_causal_lm, load_gptq, load_nf4
 from pipeline.stages.bench import device_facts, memory_bandwidth, sync, timed
 from pipeline.stages.gptq import quantize
 
-FORMATS = ("bf16", "nf4", "gptq")
+FORMATS = ("dense", "nf4", "gptq")
 
 
 def build(args, out: Path) -> None:
@@ -44,10 +46,15 @@ def build(args, out: Path) -> None:
                             pad_token="t0").save_pretrained(out)  # GPTQModel saves one with the checkpoint
 
 
-def load(name: str, source: Path, gptq_dir: Path):
+def load(name: str, source: Path, gptq_dir: Path, cfg):
+    """A format as the pipeline loads it, computing in the run's compute dtype."""
     if name == "gptq":
-        return load_gptq(gptq_dir)
-    return load_causal_lm(source, ModelConfig(), "bfloat16", bnb_config(BaseConfig()) if name == "nf4" else None)
+        return load_gptq(gptq_dir, compute.dtype(cfg))
+    if name == "nf4":
+        nf4_dir = source.with_name("nf4")
+        load_causal_lm(source, ModelConfig(), "bfloat16", bnb_config(BaseConfig(), "bfloat16")).save_pretrained(nf4_dir)
+        return load_nf4(nf4_dir, cfg)  # as the base stage writes it and train, eval and bench load it
+    return load_causal_lm(source, ModelConfig(), compute.dtype_name(cfg))
 
 
 def weight_bytes(module) -> int:
@@ -55,7 +62,7 @@ def weight_bytes(module) -> int:
 
 
 @torch.no_grad()
-def measure(model, args, bandwidth: float) -> dict:
+def measure(model, args, bandwidth: float, dtype: torch.dtype) -> dict:
     model.eval()
     layer = model.model.layers[0]
     linears = {name: m for name, m in layer.named_modules() if isinstance(m, torch.nn.Linear) or hasattr(m, "qweight")}
@@ -65,7 +72,7 @@ def measure(model, args, bandwidth: float) -> dict:
         row = {"module": name, "in_features": in_features, "out_features": module.out_features,
                "weight_bytes": weight_bytes(module)}
         for tokens, key in ((1, "decode"), (args.prefill, "prefill")):
-            x = torch.randn(1, tokens, in_features, dtype=torch.bfloat16, device=device())
+            x = torch.randn(1, tokens, in_features, dtype=dtype, device=device())
             seconds = min(timed(lambda: module(x), args.warmup, args.repeats))
             row[f"{key}_ms"] = seconds * 1e3
             row[f"{key}_tflops"] = 2 * tokens * in_features * module.out_features / seconds / 1e12
@@ -85,7 +92,8 @@ def measure(model, args, bandwidth: float) -> dict:
             cache.crop(-extra)  # the same cache length every repeat
         model(input_ids=ids[:, -1:], past_key_values=cache, use_cache=True)
     decode = min(timed(step, args.warmup, args.repeats))
-    return {"kernels": kernel_names(model) or ["torch Linear (bf16)"], "layer_weight_bytes": step_bytes,
+    return {"kernels": kernel_names(model) or [f"torch Linear ({str(dtype).removeprefix('torch.')})"],
+            "layer_weight_bytes": step_bytes,
             "decode_step_ms": decode * 1e3, "decode_roofline": step_bytes / decode / bandwidth,
             "prefill_ms": prefill * 1e3, "matmuls": matmuls}
 
@@ -105,7 +113,8 @@ def main() -> None:
     args = parser.parse_args()
 
     bandwidth = memory_bandwidth()
-    results = {"device": device_facts(), "bandwidth_bytes_s": bandwidth,
+    cfg = OmegaConf.structured(Config)
+    results = {"device": device_facts(), "compute": compute.record(cfg), "bandwidth_bytes_s": bandwidth,
                "shape": {"hidden": args.hidden, "intermediate": args.intermediate, "heads": args.heads,
                          "kv_heads": args.kv_heads, "layers": args.layers, "vocab": 1024, "prefill": args.prefill},
                "scaled_down": f"{args.layers} decoder layers (a Llama-3-8B has 32), 1024-token vocabulary: the decode "
@@ -114,12 +123,11 @@ def main() -> None:
         source, gptq_dir = Path(tmp) / "bf16", Path(tmp) / "gptq"
         build(args, source)
         from gptqmodel.quantization.config import RTNConfig
-        cfg = OmegaConf.structured(Config)
         quantize(cfg, source, gptq_dir, RTNConfig(bits=4, group_size=128, sym=True,
                                                   offload_to_disk_path=str(gptq_dir / "offload")), None)
         for name in FORMATS:
-            model = load(name, source, gptq_dir)
-            results["formats"][name] = measure(model, args, bandwidth)
+            model = load(name, source, gptq_dir, cfg)
+            results["formats"][name] = measure(model, args, bandwidth, compute.dtype(cfg))
             r = results["formats"][name]
             print(f"{name:5s} {', '.join(r['kernels']):32s} decode step {r['decode_step_ms']:8.2f} ms "
                   f"({r['decode_roofline']:.1%} of roofline), prefill {r['prefill_ms']:8.1f} ms", flush=True)

@@ -24,7 +24,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from pipeline.data import read_jsonl
-from pipeline.models import load_causal_lm, load_tokenizer
+from pipeline.models import load_nf4, load_tokenizer
 from pipeline.runner import experiment_dir, run
 from pipeline.stages import train
 
@@ -64,7 +64,7 @@ def trl(cfg, base_dir: Path, work: Path) -> dict:
                      save_strategy="no", seed=cfg.seed, report_to=[], max_length=cfg.data.max_seq_len,
                      completion_only_loss=True, gradient_checkpointing=t.gradient_checkpointing,
                      use_cpu=not torch.cuda.is_available(), bf16=False)
-    model = load_causal_lm(base_dir, cfg.model, cfg.base.compute_dtype)
+    model = load_nf4(base_dir, cfg)
     set_seed(cfg.seed)
     lora = LoraConfig(r=t.lora_r, lora_alpha=t.lora_alpha, lora_dropout=t.lora_dropout,
                       target_modules=t.target_modules, task_type="CAUSAL_LM")

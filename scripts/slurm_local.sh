@@ -42,6 +42,8 @@ if (( missing )); then
 fi
 
 host=$(hostname -s)
+# nproc honours OMP_NUM_THREADS, which the test suite's workers set to their share of the cores: the node has them all
+cpus=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)
 mem_mb=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 * 9 / 10 ))  # a tenth left to the system
 mkdir -p /etc/slurm /var/spool/slurmctld /var/spool/slurmd /var/log/slurm /run/munge
 cat > "$CONF" <<EOF
@@ -62,7 +64,7 @@ StateSaveLocation=/var/spool/slurmctld
 SlurmdSpoolDir=/var/spool/slurmd
 SlurmctldLogFile=/var/log/slurm/slurmctld.log
 SlurmdLogFile=/var/log/slurm/slurmd.log
-NodeName=$host CPUs=$(nproc) RealMemory=$mem_mb Gres=gpu:$GPUS State=UNKNOWN
+NodeName=$host CPUs=$cpus RealMemory=$mem_mb Gres=gpu:$GPUS State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 EOF
 # A GRES needs files; a count-only line leaves the node INVALID. slurmd logs that these are not devices.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from transformers import AutoTokenizer
 
 from pipeline.artifacts import read_manifest
@@ -52,7 +53,7 @@ def test_stage_all_on_another_architecture(tmp_path, architecture, chat_template
         assert not generation.get("do_sample"), "a server decodes greedily unless asked otherwise"
     assert expected.count(AutoTokenizer.from_pretrained(exp / "gptq").eos_token) == 2
 
-    gptq = load_gptq(exp / "gptq")
+    gptq = load_gptq(exp / "gptq", torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(exp / "gptq")
     prompt = tokenizer.apply_chat_template(CHAT[:1], add_generation_prompt=True, return_tensors="pt",
                                            return_dict=True)

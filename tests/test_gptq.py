@@ -31,7 +31,7 @@ def test_gptq_checkpoint_loads_with_plain_transformers(finished):
 
     gptq = AutoModelForCausalLM.from_pretrained(exp / "gptq", device_map="cpu")
     assert any(hasattr(m, "qweight") for m in gptq.modules()), "loaded as a quantized model"
-    merged = AutoModelForCausalLM.from_pretrained(exp / "merge", dtype=torch.bfloat16)
+    merged = AutoModelForCausalLM.from_pretrained(exp / "merge", dtype=torch.float32)
     tokenizer = load_tokenizer(exp / "gptq")
     batch = probe_batch(tokenizer, exp / "train", 8)
     closeness = compare(probe_logits(merged, batch), probe_logits(gptq, batch))
@@ -196,10 +196,10 @@ def test_dynamic_rules_give_modules_their_own_settings(finished, copy_of):
     with pytest.raises(RuntimeError, match="mismatched_sizes"):  # why the README says: GPTQModel or vLLM loads it
         AutoModelForCausalLM.from_pretrained(exp / "gptq", device_map="cpu")
     assert 'GPTQModel.load("<this folder or repo>")' in (exp / "gptq" / "README.md").read_text()  # the card says so
-    model = load_gptq(exp / "gptq")  # with GPTQModel, as eval and bench load it
+    model = load_gptq(exp / "gptq", torch.float32)  # with GPTQModel, as eval and bench load it
     assert type(model.model.layers[0].mlp.down_proj) is torch.nn.Linear
     assert model.model.layers[1].mlp.down_proj.bits == 8 and model.model.layers[1].mlp.up_proj.bits == 4
-    merged = AutoModelForCausalLM.from_pretrained(exp / "merge", dtype=torch.bfloat16)
+    merged = AutoModelForCausalLM.from_pretrained(exp / "merge", dtype=torch.float32)
     batch = probe_batch(load_tokenizer(exp / "gptq"), exp / "train", 8)
     assert compare(probe_logits(merged, batch), probe_logits(model, batch))["argmax_agreement"] > 0.8
 
@@ -322,7 +322,7 @@ def test_asymmetric_gptq_layout_loads_in_transformers_and_repacks_to_awq_lossles
     assert "vLLM refuses it (sym=false" in card and "vllm serve" not in card  # no command that fails
 
     gptq = AutoModelForCausalLM.from_pretrained(exp / "gptq", device_map="cpu")
-    merged = AutoModelForCausalLM.from_pretrained(exp / "merge", dtype=torch.bfloat16)
+    merged = AutoModelForCausalLM.from_pretrained(exp / "merge", dtype=torch.float32)
     batch = probe_batch(load_tokenizer(exp / "gptq"), exp / "train", 8)
     assert compare(probe_logits(merged, batch), probe_logits(gptq, batch))["argmax_agreement"] > 0.8
 

@@ -42,7 +42,7 @@ def test_cpu_check_prints_the_table(tiny_model_dir, tmp_path):
     assert f"| gptq | {speeds['gptq']['eager_tok_s']:.1f} | - |" in table
 
     formats = check["bench_kernels"]["formats"]
-    assert list(formats) == ["bf16", "nf4", "gptq"] and check["bench_kernels"]["shape"]["hidden"] == 256
+    assert list(formats) == ["dense", "nf4", "gptq"] and check["bench_kernels"]["shape"]["hidden"] == 256
     assert all(f["decode_step_ms"] > 0 and f["decode_roofline"] > 0 for f in formats.values())
     assert "| format | kernels | decode step ms | roofline | prefill ms |" in table
 

@@ -53,6 +53,9 @@ def test_full_chain_writes_every_artifact(finished):
     assert manifests["gptq"]["upstream"]["merge"] == manifests["merge"]["fingerprint"]
     for stage in STAGES[:-1]:  # the memory plan's prediction beside the measured peak (serve did not run)
         assert_predicted_within(manifests[stage], 1.5)
+    for stage, manifest in manifests.items():  # the predicted time beside the measured one (their ratio: a script's)
+        predicted = manifest["predicted_seconds"]
+        assert predicted["seconds"] > 0 and predicted["terms"]["fixed"] > 0, (stage, predicted)
 
 
 def assert_predicted_within(manifest: dict, factor: float) -> None:

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from pipeline import compute
 from pipeline.models import placed_on, weight_bytes
 from pipeline.runner import run
 from pipeline.stages.serve import tensor_parallel_size
@@ -27,10 +28,11 @@ def squeezed(finished, tmp_path_factory):
     mine = tmp_path_factory.mktemp("squeezed") / "outputs"
     shutil.copytree(out, mine, symlinks=True)
     exp = mine / "default"
-    nf4 = weight_bytes(exp / "base" / "nf4")
-    qlora = nf4 + weight_bytes(exp / "train" / "adapter")
+    dtype = compute.dtype(compose_config(*overrides))  # what they take in memory: computing in it
+    nf4 = weight_bytes(exp / "base" / "nf4", dtype)
+    qlora = nf4 + weight_bytes(exp / "train" / "adapter", dtype)
     budget = qlora - 1000
-    assert nf4 < budget < weight_bytes(exp / "merge"), "the tiny model's sizes no longer fit this test's budget"
+    assert nf4 < budget < weight_bytes(exp / "merge", dtype), "the tiny model's sizes no longer fit this test's budget"
     artifacts = f"[{','.join(ARTIFACTS)}]"
     run(compose_config(f"output_dir={mine}", *overrides, f"+memory.max_memory.cpu={budget}",
                        f"eval.artifacts={artifacts}", f"bench.artifacts={artifacts}"))
@@ -107,7 +109,7 @@ def test_eval_offloads_a_gptq_checkpoint_to_disk(copy_of, finished):
     """GPTQModel's layers (here the AWQ layout, the default) run from disk too: a budget that holds the embeddings
     and a layer, not the whole checkpoint."""
     exp, rerun = copy_of
-    budget = weight_bytes(exp / "gptq") - 20_000
+    budget = weight_bytes(exp / "gptq", compute.dtype(compose_config(*finished[1]))) - 20_000
     rerun("stage=eval", "eval.artifacts=[gptq]", "eval.lm_eval.tasks=[]", f"+memory.max_memory.cpu={budget}")
     result = json.loads((exp / "eval" / "eval.json").read_text())["artifacts"]["gptq"]
     whole = json.loads((finished[0] / "default" / "eval" / "eval.json").read_text())["artifacts"]["gptq"]

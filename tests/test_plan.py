@@ -32,6 +32,9 @@ def test_plan_prints_every_stage_and_writes_nothing(tiny_model_dir, tmp_path):
     assert [row[0] for row in rows] == list(STAGES[:-1])  # serve.enabled=false in the tiny settings
     for row in rows:
         assert row[1] == "cpu" and 0.3 < float(row[2]) < 3 and float(row[4]) > 1, row  # GiB
+        assert 0 < float(row[6]) < 100 and row[7] == "s", row  # the tiny run's stages take seconds each
+    footer = next(line for line in result.stdout.splitlines() if "matmul rate" in line)
+    assert "computing in" in footer and "to run)" in footer, footer
     assert not out.exists(), "plan=true writes nothing"
 
 

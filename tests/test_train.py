@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+from bitsandbytes.functional import has_avx512bf16
 from safetensors.torch import load_file
 
 from pipeline.artifacts import read_manifest
@@ -70,34 +72,55 @@ def lora_gradients(model, ids) -> dict:
     return {n: p.grad.clone() for n, p in model.named_parameters() if "layers.0." in n and "lora_B" in n}
 
 
-def test_held_out_evaluation_during_training_keeps_the_gradients(finished):
-    """train.eval_steps runs eval-mode forwards between training steps. On CPUs with AVX512-BF16 bitsandbytes would
-    repack the weights for inference there, and its inference kernel has no backward; the model that trains keeps
-    them as they are. The control forces the repacking, which works on either CPU class."""
+def eval_forward_then_gradients(model, ids) -> dict:
+    """lora_gradients after an eval-mode forward without gradients, as train.eval_steps runs between steps."""
     import torch
 
-    from pipeline.models import nf4_layers, repacked_for_cpu
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=ids)
+    return lora_gradients(model, ids)
+
+
+def trained_model(finished):
+    """The train stage's model on the finished run's NF4 base, and a batch of token ids."""
+    import torch
+
     from pipeline.stages.train import build_model
 
     out, overrides, _ = finished
     model = build_model(compose_config(*overrides, "train.lora_dropout=0"), out / "default" / "base" / "nf4")
-    ids = torch.randint(0, 1000, (2, 32), generator=torch.Generator().manual_seed(0))
+    return model, torch.randint(0, 1000, (2, 32), generator=torch.Generator().manual_seed(0))
 
-    def after_an_eval_forward() -> dict:
-        model.eval()
-        with torch.no_grad():
-            model(input_ids=ids)
-        return lora_gradients(model, ids)
 
+def test_held_out_evaluation_during_training_keeps_the_gradients(finished):
+    """train.eval_steps runs eval-mode forwards between training steps. On CPUs with AVX512-BF16 bitsandbytes would
+    repack the weights for inference there, and its inference kernel has no backward; the model that trains keeps
+    them as they are, on every CPU."""
+    import torch
+
+    from pipeline.models import nf4_layers, repacked_for_cpu
+
+    model, ids = trained_model(finished)
     before = lora_gradients(model, ids)
     assert before and all(g.abs().max() > 0 for g in before.values())
-    after = after_an_eval_forward()
+    after = eval_forward_then_gradients(model, ids)
     assert not any(repacked_for_cpu(layer) for layer in nf4_layers(model))
     assert all(torch.equal(before[n], after[n]) for n in before)
 
+
+@pytest.mark.skipif(not has_avx512bf16(), reason="bitsandbytes registers its packed CPU kernel only on CPUs with "
+                    "AVX512-BF16: elsewhere the repacking it forces would be read by the standard kernel, a path no "
+                    "user runs")
+def test_the_control_repacked_weights_lose_the_gradients(finished):
+    """The control of the test above: with the repacking bitsandbytes does by itself on AVX512-BF16 CPUs, the LoRA
+    weights behind the base layers get no gradient."""
+    from pipeline.models import nf4_layers, repacked_for_cpu
+
+    model, ids = trained_model(finished)
     for layer in nf4_layers(model):
         layer.support_avx512bf16_for_cpu = True  # what bitsandbytes does by itself on AVX512-BF16 CPUs
-    repacked = after_an_eval_forward()
+    repacked = eval_forward_then_gradients(model, ids)
     assert all(repacked_for_cpu(layer) for layer in nf4_layers(model))
     # No gradient through the base layers: the LoRA weights behind them (q/k/v behind o_proj, gate/up behind
     # down_proj) get none; those on the residual stream still do.

@@ -1,4 +1,4 @@
-"""base: the base model in bitsandbytes NF4 (double quant, bf16 compute), saved with its tokenizer.
+"""base: the base model in bitsandbytes NF4 (double quant), saved with its tokenizer.
 
 Outputs: `nf4/` (4-bit checkpoint + tokenizer) and, when the model comes as a GGUF file, `source/` (the same
 model as a plain 16-bit HF checkpoint, which later stages and users can load like any other).
@@ -21,7 +21,9 @@ def run(cfg: Config, work: Path, inputs: dict[str, Path]) -> dict:
         source = str(work / "source")
     else:
         source = cfg.model.name_or_path
-    model = load_causal_lm(source, cfg.model, cfg.base.compute_dtype, quantization_config=bnb_config(cfg.base))
+    # Quantized from the 16-bit weights as stored, whatever this machine computes in: one NF4 checkpoint for all.
+    model = load_causal_lm(source, cfg.model, cfg.model.dtype,
+                           quantization_config=bnb_config(cfg.base, cfg.model.dtype))
     model.save_pretrained(work / "nf4")
     load_tokenizer(source, cfg.model).save_pretrained(work / "nf4")
     shapes = meta_model(source, cfg.model.trust_remote_code)

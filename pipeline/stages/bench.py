@@ -24,8 +24,9 @@ from pathlib import Path
 
 import torch
 
+from .. import compute
 from ..config import Config
-from ..models import device, kernel_names, load_placed, placed_on
+from ..models import computes_in, device, kernel_names, load_placed, placed_on
 
 log = logging.getLogger(__name__)
 
@@ -196,12 +197,13 @@ def run(cfg: Config, work: Path, inputs: dict[str, Path]) -> dict:
                      "quantization" if placed.whole else f"not compiled on {placed_on(model)}")
         single = [r for r in runs if r["batch"] == 1 and r["use_cache"] and not r["compiled"]]
         results[name] = {
-            "kernels": kernel_names(model), "placement": placed_on(model), "weight_bytes_per_token": per_token,
+            "kernels": kernel_names(model), "placement": placed_on(model), "computed_in": computes_in(model),
+            "weight_bytes_per_token": per_token,
             "runs": runs,
             "roofline_fraction": (single[0]["decode_tok_s"]["median"] * per_token / bandwidth) if single else None}
         del model
         shutil.rmtree(work / "offload", ignore_errors=True)  # its weights offloaded to disk, if any
-    report = {"device": device_facts(), "bandwidth_bytes_s": bandwidth,
+    report = {"device": device_facts(), "compute": compute.record(cfg), "bandwidth_bytes_s": bandwidth,
               "matrix": {"new_tokens": list(matrix.new_tokens), "batch_sizes": list(matrix.batch_sizes),
                          "use_cache": list(matrix.use_cache)}, "artifacts": results}
     (work / "bench.json").write_text(json.dumps(report, indent=1))

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 
-from .. import harness
+from .. import compute, harness
 from ..config import Config, ConfigError
 from ..data import pydoc_texts, read_jsonl, row_text, task_chats, token_windows
-from ..models import (artifact_disk_bytes, artifact_paths, dequantized, load_placed, load_portable,
+from ..models import (artifact_disk_bytes, artifact_paths, computes_in, dequantized, load_placed, load_portable,
                       load_tokenizer, nf4_weight, placed_on, quantized_kernels)
 from ..quality import perplexity, task_scores
 from . import gptq
@@ -113,7 +113,8 @@ def run(cfg: Config, work: Path, inputs: dict[str, Path]) -> dict:
         model.eval()
         # Weights and memory first: on CPUs with AVX512-BF16 the first forward repacks NF4 weights in place.
         results[name] = {"disk_bytes": artifact_disk_bytes(name, inputs), "param_bytes": model.get_memory_footprint(),
-                         "kernels": quantized_kernels(model), "placement": placed_on(model)}
+                         "kernels": quantized_kernels(model), "placement": placed_on(model),
+                         "computed_in": computes_in(model)}
         # The histogram reads one layer of a model loaded whole (an offloaded layer's weights are read only inside
         # its forward; the GPTQ histogram loads the checkpoint again, on one device).
         if name in HISTOGRAM_ARTIFACTS and placed.whole:
@@ -131,7 +132,8 @@ def run(cfg: Config, work: Path, inputs: dict[str, Path]) -> dict:
         del model
         shutil.rmtree(work / "offload", ignore_errors=True)  # its weights offloaded to disk, if any
 
-    report = {"ppl_source": e.ppl_source, "ppl_windows": len(windows), "ppl_seq_len": e.ppl_seq_len,
+    report = {"compute": compute.record(cfg), "ppl_source": e.ppl_source, "ppl_windows": len(windows),
+              "ppl_seq_len": e.ppl_seq_len,
               "task_examples": len(chats), "lm_eval_tasks": lm_tasks, "artifacts": results}
     if weights:
         reference = next(iter(weights.values()))

@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from .. import awq, quantease
+from .. import awq, compute, quantease
 from ..config import Config, ConfigError, GPTQConfig, checkpoint_format
 from ..data import calibration_windows, read_jsonl
-from ..models import device, load_gptq, load_tokenizer, meta_model, quantized_kernels
+from ..models import device, load_gptq, load_tokenizer, meta_model, quantized_kernels, torch_dtype
 
 # GPTQModel sizes its CPU worker pool at import and crashes on 2-core machines unless told to use 2 or more.
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, os.cpu_count() or 2)))
@@ -153,9 +153,9 @@ def highest_losses(checkpoint: Path, linears: dict[str, int], count: int = 5) ->
             for layer, loss in short.items()}
 
 
-def kernel_name(checkpoint: Path) -> str:
+def kernel_name(checkpoint: Path, dtype: torch.dtype) -> str:
     """The kernel class(es) that loading the checkpoint as eval and users do (load_gptq) uses here."""
-    return ", ".join(quantized_kernels(load_gptq(checkpoint)))
+    return ", ".join(quantized_kernels(load_gptq(checkpoint, dtype)))
 
 
 def group_size_for(cfg: Config, merged: Path) -> tuple[int, dict[str, int]]:
@@ -186,6 +186,37 @@ def forget_offload_path(checkpoint: Path) -> None:
         path.write_text(json.dumps(config, indent=2) + "\n")
 
 
+def store_unquantized(checkpoint: Path, dtype: torch.dtype) -> None:
+    """The checkpoint's unquantized weights (embeddings, norms, head, biases) in `dtype`, as the merged checkpoint
+    stores them: GPTQModel saves them in the dtype it computed in (float32 on CPUs without fast bfloat16), which
+    would double their bytes. Shard by shard; the quantized layers' scales keep their own dtype."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    narrowed = 0
+    for shard in sorted(checkpoint.glob("*.safetensors")):
+        with safe_open(shard, "pt") as f:
+            tensors, metadata = {name: f.get_tensor(name) for name in f.keys()}, f.metadata()
+        cast = [name for name, tensor in tensors.items()
+                if tensor.is_floating_point() and tensor.dtype != dtype and not name.endswith(".scales")]
+        if not cast:
+            continue
+        narrowed += sum(tensors[name].nbytes - tensors[name].to(dtype).nbytes for name in cast)
+        partial = shard.with_suffix(".partial")
+        save_file({name: tensor.to(dtype) if name in cast else tensor for name, tensor in tensors.items()}, partial,
+                  metadata)
+        os.replace(partial, shard)
+    index = checkpoint / "model.safetensors.index.json"
+    if narrowed and index.is_file():
+        contents = json.loads(index.read_text())
+        if "total_size" in contents.get("metadata", {}):
+            contents["metadata"]["total_size"] -= narrowed
+            index.write_text(json.dumps(contents, indent=2) + "\n")
+    config = json.loads((checkpoint / "config.json").read_text())
+    config["dtype"] = str(dtype).removeprefix("torch.")
+    (checkpoint / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
 def quantize(cfg: Config, merged: Path, out: Path, quant_config, calibration: list[dict] | None,
              refinement: contextlib.AbstractContextManager = contextlib.nullcontext()) -> None:
     """Quantize the merged checkpoint with GPTQModel (GPTQ with calibration data, RTN without) into `out`.
@@ -201,10 +232,13 @@ def quantize(cfg: Config, merged: Path, out: Path, quant_config, calibration: li
                  "quantizing without disk offload (the finished layers stay in memory)")
         quant_config.offload_to_disk = False
     set_seed(cfg.seed)
-    model = GPTQModel.load(str(merged), quant_config, device=device(), trust_remote_code=cfg.model.trust_remote_code)
+    # In the run's compute dtype: GPTQModel's own default on CPU is bfloat16, 250x slower than float32 on AVX2.
+    model = GPTQModel.load(str(merged), quant_config, device=device(), dtype=compute.dtype(cfg),
+                           trust_remote_code=cfg.model.trust_remote_code)
     with contextlib.chdir(out), refinement:  # GPTQModel writes per-layer stats to ./logs: keep them with it
         model.quantize(calibration, batch_size=cfg.gptq.batch_size)
     model.save(str(out))
+    store_unquantized(out, torch_dtype(cfg.merge.dtype))
     forget_offload_path(out)
     # GPTQModel writes a generation config that turns sampling on: keep the merged model's, so that a server
     # decodes and stops as the fine-tuned model does.
@@ -250,7 +284,8 @@ def run(cfg: Config, work: Path, inputs: dict[str, Path]) -> dict:
                  ", ".join(f"{name} {loss:.3g}" for name, loss in losses.items()))
     result = {"format": layout, "group_size": group_size, "act_group_aware": quant_config.act_group_aware,
               "mse": mse, "calibration_windows": len(windows), "layer_in_features": sorted(set(linears.values())),
-              "vllm_compatible": not problems, "vllm_problems": problems, "kernel": kernel_name(work),
+              "vllm_compatible": not problems, "vllm_problems": problems,
+              "kernel": kernel_name(work, compute.dtype(cfg)), "computed_in": compute.dtype_name(cfg),
               "highest_losses": losses}
     if errors:
         (work / "quantease_errors.json").write_text(json.dumps(errors, indent=1))

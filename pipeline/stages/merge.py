@@ -27,10 +27,10 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from .. import memory
+from .. import compute, memory
 from ..config import Config, shard_bytes
 from ..data import read_jsonl, row_text
-from ..models import artifact_paths, device, load_tokenizer, local_dir, torch_dtype
+from ..models import artifact_paths, device, load_tokenizer, local_dir, safetensors_header, torch_dtype
 
 log = logging.getLogger(__name__)
 
@@ -62,11 +62,8 @@ class Checkpoint:
             raise FileNotFoundError(f"{path}: no {single} or {INDEX} (the merge reads safetensors only)")
         self.entries: dict[str, tuple[Path, int, dict]] = {}  # key -> (file, where its data starts, header entry)
         for file in files:
-            with file.open("rb") as f:
-                size = int.from_bytes(f.read(8), "little")
-                header = json.loads(f.read(size))
-            header.pop("__metadata__", None)
-            self.entries.update({key: (file, 8 + size, entry) for key, entry in header.items()})
+            header, start = safetensors_header(file)
+            self.entries.update({key: (file, start, entry) for key, entry in header.items()})
         # bitsandbytes saves a 4-bit weight `W` with its quantization state beside it: `W.absmax`, `W.quant_map`...
         self.quantized = {key.split(".quant_state.")[0] for key in self.entries if ".quant_state.bitsandbytes__" in key}
         self.weights = [key for key in self.entries if not any(key.startswith(q + ".") for q in self.quantized)]
@@ -356,13 +353,14 @@ def run(cfg: Config, work: Path, inputs: dict[str, Path]) -> dict:
 
     reference, merged = merge_into(cfg, work, nf4_dir, into_dir, adapter_dir, batch)
     result = check(cfg, reference, merged, exact=cfg.merge.into == "nf4")
-    dtype = torch_dtype(cfg.merge.dtype)
-    save_config(nf4_dir, work, dtype)
+    save_config(nf4_dir, work, torch_dtype(cfg.merge.dtype))
     tokenizer.save_pretrained(work)
-    read_back = Streamed(work, dtype, None, cfg.model.trust_remote_code)
-    written = read_back.logits(batch, filler(read_back, Checkpoint(work), None, dtype),
-                               what=f"read back in {cfg.merge.dtype}")
+    # The stored weights as later stages compute with them: read back, in the run's compute dtype.
+    read_back = Streamed(work, compute.dtype(cfg), None, cfg.model.trust_remote_code)
+    written = read_back.logits(batch, filler(read_back, Checkpoint(work), None, compute.dtype(cfg)),
+                               what=f"read back, in {compute.dtype_name(cfg)}")
     stored = compare(reference, written)
-    log.info("stored in %s: argmax agreement %.4f, mean |dlogit| %.3f vs NF4 + adapter", cfg.merge.dtype,
-             stored["argmax_agreement"], stored["mean_abs_logit_diff"])
-    return {"into": cfg.merge.into, "check": result, f"probe_{cfg.merge.dtype}": stored, "dtype": cfg.merge.dtype}
+    log.info("stored in %s, computed in %s: argmax agreement %.4f, mean |dlogit| %.3f vs NF4 + adapter",
+             cfg.merge.dtype, compute.dtype_name(cfg), stored["argmax_agreement"], stored["mean_abs_logit_diff"])
+    return {"into": cfg.merge.into, "check": result, f"probe_{cfg.merge.dtype}": stored, "dtype": cfg.merge.dtype,
+            "computed_in": compute.dtype_name(cfg)}

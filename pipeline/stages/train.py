@@ -17,10 +17,10 @@ import torch
 import yaml
 from omegaconf import OmegaConf
 
-from .. import distributed
+from .. import compute, distributed
 from ..config import Config, ConfigError, trackers
 from ..data import compact, load_sources, mix, tokenize_rows, write_jsonl
-from ..models import load_causal_lm, load_tokenizer, nf4_layers
+from ..models import computes_in, load_nf4, load_tokenizer, nf4_layers
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ def build_model(cfg: Config, base_dir: Path):
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import set_seed
 
-    model = load_causal_lm(base_dir, cfg.model, cfg.base.compute_dtype)
+    model = load_nf4(base_dir, cfg)
     for layer in nf4_layers(model):
         # On CPUs with AVX512-BF16, an eval-mode forward (train.eval_steps) would repack the 4-bit weights into
         # bitsandbytes' CPU inference layout, whose kernel has no backward: every later step would get no gradient
@@ -96,7 +96,8 @@ def training_args(cfg: Config, checkpoints: Path, run_name: str | None = None):
     from transformers import TrainingArguments
 
     t = cfg.train
-    bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    # Mixed precision on a GPU, in the compute dtype; on CPU the model itself computes in it (load_nf4).
+    on_gpu, dtype = torch.cuda.is_available(), compute.dtype_name(cfg)
     per_device = t.batch_size // distributed.world_size()
     return TrainingArguments(
         output_dir=str(checkpoints), max_steps=t.max_steps, learning_rate=t.lr,
@@ -107,8 +108,8 @@ def training_args(cfg: Config, checkpoints: Path, run_name: str | None = None):
         logging_steps=t.logging_steps, logging_first_step=True, save_steps=t.save_steps, save_total_limit=2,
         eval_strategy="steps" if t.eval_steps else "no", eval_steps=t.eval_steps, per_device_eval_batch_size=per_device,
         prediction_loss_only=True,  # the held-out loss only: no logits kept
-        seed=cfg.seed, data_seed=cfg.seed, bf16=bf16, fp16=torch.cuda.is_available() and not bf16,
-        use_cpu=not torch.cuda.is_available(), optim="adamw_torch", report_to=trackers(t), run_name=run_name,
+        seed=cfg.seed, data_seed=cfg.seed, bf16=on_gpu and dtype == "bfloat16", fp16=on_gpu and dtype == "float16",
+        use_cpu=not on_gpu, optim="adamw_torch", report_to=trackers(t), run_name=run_name,
         remove_unused_columns=False, gradient_checkpointing=False,  # already enabled by the k-bit preparation
         ddp_find_unused_parameters=False,  # every LoRA weight gets a gradient; the search costs a pass
         dataloader_num_workers=0)
@@ -254,5 +255,5 @@ def run(cfg: Config, work: Path, inputs: dict[str, Path]) -> dict:
     return {**data_stats, "resumed_from": last.name if last else None, "steps": trainer.state.global_step,
             "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
             "final_heldout_loss": heldout_losses[-1] if heldout_losses else None, "trackers": trackers(cfg.train),
-            "train_runtime_s": result.metrics.get("train_runtime"),
+            "train_runtime_s": result.metrics.get("train_runtime"), "computed_in": computes_in(model),
             "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
