@@ -31,8 +31,13 @@ def squeezed(finished, tmp_path_factory):
     dtype = compute.dtype(compose_config(*overrides))  # what they take in memory: computing in it
     nf4 = weight_bytes(exp / "base" / "nf4", dtype)
     qlora = nf4 + weight_bytes(exp / "train" / "adapter", dtype)
-    budget = qlora - 1000
-    assert nf4 < budget < weight_bytes(exp / "merge", dtype), "the tiny model's sizes no longer fit this test's budget"
+    merged = weight_bytes(exp / "merge", dtype)
+    # Computing in 16 bits, the budget holds NF4 but not NF4 + adapter, and the 16-bit models' embedding and largest
+    # layer, which accelerate keeps on the computing device. In float32 the NF4 layers stay 4-bit while the 16-bit
+    # models' layers double: no budget under NF4 + adapter holds their first layers, so it sits under the merged
+    # model, and qlora fits.
+    budget = qlora - 1000 if dtype.itemsize == 2 else merged - 1000
+    assert nf4 < budget < merged, "the tiny model's sizes no longer fit this test's budget"
     artifacts = f"[{','.join(ARTIFACTS)}]"
     run(compose_config(f"output_dir={mine}", *overrides, f"+memory.max_memory.cpu={budget}",
                        f"eval.artifacts={artifacts}", f"bench.artifacts={artifacts}"))
@@ -43,8 +48,9 @@ def squeezed(finished, tmp_path_factory):
 def test_eval_offloads_16_bit_models_to_disk_with_the_same_numbers(squeezed):
     exp, whole, _ = squeezed
     results = json.loads((exp / "eval" / "eval.json").read_text())["artifacts"]
+    qlora = None if "skipped" in results["qlora"] else "cpu"  # see squeezed
     assert {name: r.get("placement") for name, r in results.items()} == {
-        "base16": "cpu + disk offload", "nf4": "cpu", "qlora": None, "merged": "cpu + disk offload"}
+        "base16": "cpu + disk offload", "nf4": "cpu", "qlora": qlora, "merged": "cpu + disk offload"}
     for name in ("base16", "nf4", "merged"):
         assert abs(results[name]["ppl"] - whole[name]["ppl"]) < 0.01 * whole[name]["ppl"], name
         assert results[name]["task_accuracy"] == whole[name]["task_accuracy"], name
@@ -55,6 +61,9 @@ def test_eval_offloads_16_bit_models_to_disk_with_the_same_numbers(squeezed):
 
 def test_an_artifact_that_cannot_be_placed_is_skipped_with_the_reason(squeezed):
     exp, _, sizes = squeezed
+    if sizes["budget"] > sizes["qlora"]:
+        pytest.skip("computing in float32, no budget that holds the 16-bit models' first layers leaves qlora out "
+                    "(see squeezed); this runs where the compute dtype is 16-bit")
     evaluation = json.loads((exp / "eval" / "eval.json").read_text())["artifacts"]
     reason = evaluation["qlora"]["skipped"]
     # what it needs, what there is, why offloading does not help, and the keys that change it
@@ -71,7 +80,7 @@ def test_an_artifact_that_cannot_be_placed_is_skipped_with_the_reason(squeezed):
 
 
 def test_bench_runs_a_model_offloaded_to_disk(squeezed):
-    exp, _, _ = squeezed
+    exp, _, sizes = squeezed
     results = json.loads((exp / "bench" / "bench.json").read_text())["artifacts"]
     merged = results["merged"]
     assert merged["placement"] == "cpu + disk offload" and results["nf4"]["placement"] == "cpu"
@@ -79,8 +88,9 @@ def test_bench_runs_a_model_offloaded_to_disk(squeezed):
     assert [(r["batch"], r["compiled"]) for r in merged["runs"]] == [(1, False), (2, False)]
     for r in merged["runs"]:
         assert r["prefill_ms"]["median"] > 0 and r["decode_tok_s"]["median"] > 0 and r["peak_memory_bytes"] > 0
-    assert "memory.max_memory" in results["qlora"]["skipped"] and "bench.artifacts" in results["qlora"]["skipped"]
-    assert f"Not measured: qlora in bench: {results['qlora']['skipped']}." in (exp / "report.md").read_text()
+    if sizes["budget"] < sizes["qlora"]:  # see squeezed
+        assert "memory.max_memory" in results["qlora"]["skipped"] and "bench.artifacts" in results["qlora"]["skipped"]
+        assert f"Not measured: qlora in bench: {results['qlora']['skipped']}." in (exp / "report.md").read_text()
     assert not (exp / "bench" / "offload").exists()
 
 
