@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 LIBRARIES = ("pipeline", "torch", "transformers", "peft", "bitsandbytes", "gptqmodel", "optimum", "datasets",
-             "accelerate")
+             "accelerate", "tokenizers", "gguf", "lm_eval")
 
 
 def fingerprint(payload: Any) -> str:
@@ -119,6 +119,26 @@ def exclusive(path: Path, what: str, wait: bool = True, timeout_s: float | None 
         os.close(fd)
 
 
+def partials(store: Path) -> list[Path]:
+    """The store's partial artifacts: stages at work, interrupted, or waiting in a queue to resume."""
+    return sorted(store.glob(".*.partial"))
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def clean_partials(store: Path) -> list[tuple[Path, int]]:
+    """Remove the partial artifacts that no running process holds (its lock free), and say which with their sizes.
+    What a requeued job waiting in the queue left goes too: run it when no job of this store is queued."""
+    removed = []
+    for partial in partials(store):
+        with contextlib.suppress(StageBusy), exclusive(partial.with_suffix(".lock"), partial.name, wait=False):
+            removed.append((partial, dir_bytes(partial)))
+            shutil.rmtree(partial, ignore_errors=True)
+    return removed
+
+
 @dataclass
 class StageDir:
     store: Path  # <output_dir>/store, shared by every experiment in the output directory
@@ -154,11 +174,8 @@ class StageDir:
 
     def begin(self, resume: bool = False) -> Path:
         """A clean working directory; with resume, keep what an interrupted run of the same inputs left.
-        Call it holding the lock."""
-        for stale in self.store.glob(f".{self.stage}-*.partial"):  # left by crashed runs of other inputs
-            if stale != self.partial:
-                with contextlib.suppress(StageBusy), exclusive(stale.with_suffix(".lock"), stale.name, wait=False):
-                    shutil.rmtree(stale, ignore_errors=True)
+        Call it holding the lock. The partial directories of other inputs stay: one may be a requeued job's
+        checkpoints, its lock released while it waits in the queue (`clean=true` removes them)."""
         if self.partial.exists() and not resume:
             shutil.rmtree(self.partial)
         self.partial.mkdir(parents=True, exist_ok=True)

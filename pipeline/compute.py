@@ -33,6 +33,7 @@ class Machine:
     gpu_bf16: bool  # the GPU computes bfloat16 (Ampere and later)
     cpu_bf16: bool  # PyTorch's CPU matmul takes oneDNN's bfloat16 path
     cpu_class: str  # the CPU's vector class in words: "AVX512-BF16", "AMX", "AVX-512", "AVX2"...
+    hardware: str = ""  # the devices in words: "1x NVIDIA H200 (139 GiB)", "AVX512-BF16, 2 cores, 23 GiB"
 
 
 def _onednn_bf16() -> bool:
@@ -55,7 +56,15 @@ def this_machine() -> Machine:
         cpu_class = "AVX-512"
     else:
         cpu_class = capability
-    return Machine(gpu=gpu, gpu_bf16=gpu and torch.cuda.is_bf16_supported(), cpu_bf16=cpu_bf16, cpu_class=cpu_class)
+    if gpu:
+        names = [f"{torch.cuda.get_device_name(i)} ({torch.cuda.get_device_properties(i).total_memory / 2**30:.0f} "
+                 "GiB)" for i in range(torch.cuda.device_count())]
+        hardware = ", ".join(f"{names.count(name)}x {name}" for name in dict.fromkeys(names))
+    else:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        hardware = f"{cpu_class}, {os.cpu_count()} cores, {total / 2**30:.0f} GiB"
+    return Machine(gpu=gpu, gpu_bf16=gpu and torch.cuda.is_bf16_supported(), cpu_bf16=cpu_bf16, cpu_class=cpu_class,
+                   hardware=hardware)
 
 
 def resolve(requested: str, machine: Machine) -> tuple[str, str]:
@@ -74,8 +83,14 @@ def resolve(requested: str, machine: Machine) -> tuple[str, str]:
 
 
 @functools.cache
+def machine() -> Machine:
+    """This machine, looked at once per process."""
+    return this_machine()
+
+
+@functools.cache
 def _resolved(requested: str) -> tuple[str, str]:
-    return resolve(requested, this_machine())
+    return resolve(requested, machine())
 
 
 def dtype_name(cfg) -> str:
@@ -95,7 +110,7 @@ def why(cfg) -> str:
 def record(cfg) -> dict:
     """What a manifest and a report say of the choice."""
     return {"requested": cfg.compute_dtype, "dtype": dtype_name(cfg), "why": why(cfg),
-            "cpu_class": this_machine().cpu_class}
+            "cpu_class": machine().cpu_class, "hardware": machine().hardware}
 
 
 # The matmul the rates are measured on: [256, 1024] x [1024, 1024], the shape of a small model's linear layer on a

@@ -305,6 +305,7 @@ class Config:
     seed: int = 0
     debug: bool = False  # full tracebacks for user errors too
     plan: bool = False  # print the plan of the run (each stage's predicted peak memory and time) and exit
+    clean: bool = False  # remove the store's partial artifacts that no running process holds, and exit
     # The dtype every stage computes in (NF4 layers, 16-bit artifacts in eval and bench, GPTQ's passes, vLLM): auto is
     # bfloat16 where this machine computes it fast, else float16 on a GPU, float32 on a CPU (pipeline/compute.py).
     compute_dtype: str = "auto"

@@ -11,13 +11,20 @@ from pathlib import Path
 import torch
 
 
-def _reset() -> bool:
-    """Reset the kernel's high-water mark of this process's resident set (Linux: clear_refs 5)."""
+_host_peak_reset = False  # whether the kernel's high-water mark was reset (else it counts from the process's start)
+
+
+def _reset() -> None:
+    """Reset the peaks: the kernel's high-water mark of this process's resident set (Linux: clear_refs 5), and
+    torch's on a GPU."""
+    global _host_peak_reset
     try:
         Path("/proc/self/clear_refs").write_text("5")
-        return True
+        _host_peak_reset = True
     except OSError:
-        return False
+        _host_peak_reset = False
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
 
 
 def _status_bytes(field: str, pid: int | str = "self") -> int:
@@ -28,27 +35,41 @@ def _status_bytes(field: str, pid: int | str = "self") -> int:
     return 0
 
 
-def _host_peak(since_reset: bool) -> int:
-    if since_reset:
+def _host_peak() -> int:
+    if _host_peak_reset:
         return _status_bytes("VmHWM")
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB since the process started
+
+
+_open_meters: list[dict[str, int]] = []  # the `peak` blocks running now, outermost first
+
+
+def _fold_peaks() -> None:
+    """Fold the peaks since the last reset into every open meter: before a nested meter resets them, and when one
+    ends, so that an inner block's reset never hides an outer block's peak."""
+    readings = {"host_rss_bytes": _host_peak()}
+    if torch.cuda.is_available():
+        readings["device_bytes"] = torch.cuda.max_memory_allocated()
+    for meter in _open_meters:
+        for key, value in readings.items():
+            meter[key] = max(meter.get(key, 0), value)
 
 
 @contextlib.contextmanager
 def peak():
     """Fills the yielded dict with the peaks while the block ran: `host_rss_bytes` (what was already resident
     counts too, as in /usr/bin/time) and, on a GPU, `device_bytes` (torch's allocations on this process's GPU).
-    Memory of child processes (the vLLM server) is not counted."""
-    since_reset = _reset()
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
+    Memory of child processes (the vLLM server) is not counted. Blocks nest: the one meter of a stage, and of each
+    generation bench measures inside it."""
+    _fold_peaks()
+    _reset()
     measured: dict[str, int] = {}
+    _open_meters.append(measured)
     try:
         yield measured
     finally:
-        measured["host_rss_bytes"] = _host_peak(since_reset)
-        if torch.cuda.is_available():
-            measured["device_bytes"] = torch.cuda.max_memory_allocated()
+        _fold_peaks()
+        _open_meters.remove(measured)
 
 
 def described(peaks: dict[str, int]) -> str:
@@ -76,8 +97,11 @@ def release_freed_heap() -> None:
     below its mmap threshold for reuse, and cannot shrink a heap past a block still in use, so in `stage=all` each
     stage started with the last one's freed heap resident and counted it in its own peak: on the default model the
     train stage left 1.44 GiB (2.08 GiB resident after it, 0.64 after a trim), and the merge measured 2.85 GiB in
-    `stage=all` against 1.29 alone. No-op off glibc."""
+    `stage=all` against 1.29 alone. No-op off glibc. On a GPU, torch's cached blocks go back to the device too, so
+    that what reads its free memory next (eval's and bench's placement) sees them free."""
     gc.collect()  # what only reference cycles hold is freed first
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     try:
         _libc().malloc_trim(0)
     except (OSError, AttributeError, TypeError):

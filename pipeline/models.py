@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from . import compute, distributed, memory
+from .artifacts import dir_bytes, read_manifest
 from .config import BaseConfig, ConfigError, ModelConfig
 from .data import DEFAULT_CHAT_TEMPLATE
 
@@ -331,10 +332,6 @@ def meta_model_of(config, trust_remote_code: bool):
         return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
 
 
-def dir_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
 def local_dir(path: Path | str, model: ModelConfig) -> Path:
     """A checkpoint as a local folder: a folder as it is, a hub id as its snapshot in the hub cache (fetched if
     missing, where the hub can be reached)."""
@@ -348,8 +345,6 @@ def local_dir(path: Path | str, model: ModelConfig) -> Path:
 def artifact_paths(inputs: dict[str, Path]) -> dict[str, Path | str]:
     """Where each artifact of the given stages lives (base16 may be a hub id when the base model came from the
     hub)."""
-    from .artifacts import read_manifest
-
     source = read_manifest(inputs["base"])["metrics"]["source"]
     paths: dict[str, Path | str] = {
         "base16": inputs["base"] / source if (inputs["base"] / source).is_dir() else source,
@@ -397,13 +392,31 @@ def load_gptq(path: Path, dtype: torch.dtype, placed: Placement = ONE_DEVICE):
                                                                              backend=backend)}
         return AutoModelForCausalLM.from_pretrained(str(path), use_safetensors=True, dtype=dtype, **placed.kwargs(),
                                                     **kernel)
-    for backend in preferred:
+    loaders = {backend: functools.partial(load, backend) for backend in [*preferred, portable]}
+    return contiguous_head_input(first_that_loads(loaders, f"{method.upper()} kernel", path.name))
+
+
+def out_of_memory(err: BaseException) -> bool:
+    """Whether an error is a failed allocation (a GPU's, or the host's: PyTorch's CPU allocator raises a plain
+    RuntimeError)."""
+    return isinstance(err, torch.OutOfMemoryError) or any(
+        words in str(err) for words in ("out of memory", "can't allocate memory", "not enough memory"))
+
+
+def first_that_loads(loaders: dict, what: str, name: str):
+    """What the first of `loaders` (a kernel's name: a function that loads with it) returns, the last one's errors
+    raised. A kernel that cannot load `name` is a WARNING that says why, and the next is tried; a failed allocation
+    is raised, not taken for a kernel's refusal: a slower kernel needs no less memory."""
+    *preferred, (_, last) = loaders.items()
+    for kernel, load in preferred:
         try:
-            return contiguous_head_input(load(backend))
+            return load()
         except (NotImplementedError, ValueError, RuntimeError) as err:
-            log.info("%s kernel %s cannot load %s (%s); trying the next", method.upper(), backend, path.name,
-                     str(err).strip().splitlines()[0][:160])
-    return contiguous_head_input(load(portable))
+            if out_of_memory(err):
+                raise
+            log.warning("%s %s cannot load %s (%s); trying the next", what, kernel, name,
+                        str(err).strip().splitlines()[0][:160])
+    return last()
 
 
 def load_portable(path: Path):

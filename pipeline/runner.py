@@ -8,7 +8,9 @@ With several processes (DDP/FSDP), rank 0 builds every artifact; the other ranks
 """
 from __future__ import annotations
 
+import ast
 import contextlib
+import functools
 import importlib
 import logging
 import time
@@ -16,14 +18,15 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from . import __version__, card, compute, distributed, harness, memory, plan, preflight, report
-from .artifacts import StageDir, fingerprint
+from . import card, compute, distributed, harness, memory, plan, preflight, report
+from .artifacts import StageDir, clean_partials, dir_bytes, fingerprint, library_versions, partials
 from .config import STAGES, Config, validate
 from .data import data_identity
 from .models import source_identity
 from .stages import StageUnavailable
 
 log = logging.getLogger(__name__)
+PACKAGE = Path(__file__).parent
 
 UPSTREAM = {"base": [], "train": ["base"], "merge": ["base", "train"], "gptq": ["train", "merge"],
             "eval": ["base", "train", "merge", "gptq"], "bench": ["base", "train", "merge", "gptq"],
@@ -43,11 +46,70 @@ def config_slice(cfg: Config, stage: str) -> dict:
     return {key: plain[key] for key in CONFIG_KEYS[stage]}
 
 
+# The libraries whose numerics a stage's result depends on: an upgrade of one rebuilds the stages that compute with it
+# (bitsandbytes once changed what the merge read on some CPUs), and no other (a new lm-eval retrains nothing).
+LIBRARIES = {"base": ["torch", "transformers", "bitsandbytes", "gguf"],
+             "train": ["torch", "transformers", "peft", "bitsandbytes", "accelerate", "tokenizers"],
+             "merge": ["torch", "transformers", "peft", "bitsandbytes"],
+             "gptq": ["torch", "transformers", "gptqmodel"],
+             "eval": ["torch", "transformers", "bitsandbytes", "gptqmodel", "lm_eval"],
+             "bench": ["torch", "transformers", "bitsandbytes", "gptqmodel"],
+             "serve": ["transformers"]}  # vLLM runs from its own venv: serve.json records its version
+# What a stage resolves from the machine beyond compute_dtype: on a GPU or not (train's mixed precision, gptq.mse=null,
+# the merge's kernels), or the hardware itself (what eval and bench measure, and what their placement could hold).
+MACHINE = {"base": None, "train": "device", "merge": "device", "gptq": "device", "eval": "hardware",
+           "bench": "hardware", "serve": "hardware"}
+
+
+def module_file(name: str) -> Path | None:
+    """The source file of a pipeline module ("pipeline.stages.gptq"), or None when `name` is no module."""
+    path = PACKAGE.joinpath(*name.split(".")[1:])
+    for candidate in (path.with_suffix(".py"), path / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def imported_modules(name: str) -> set[str]:
+    """The pipeline modules that module `name` imports, at its top or inside a function."""
+    path = module_file(name)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            base = package.rsplit(".", node.level - 1)[0]
+            target = f"{base}.{node.module}" if node.module else base
+            found |= {module for module in [target, *(f"{target}.{alias.name}" for alias in node.names)]
+                      if module_file(module)}
+    return found
+
+
+@functools.cache
+def code_identity(stage: str) -> str:
+    """A hash of the code a stage runs: its module and every pipeline module it imports, directly or not, as parsed
+    (an edited comment changes nothing; an edited line of code rebuilds the stage and what follows). The runner is
+    left out: it decides what runs, not what a stage computes."""
+    seen, todo = set(), [f"pipeline.stages.{stage}"]
+    while todo:
+        name = todo.pop()
+        if name not in seen and name != __name__:
+            seen.add(name)
+            todo += imported_modules(name)
+    return fingerprint({name: ast.dump(ast.parse(module_file(name).read_text())) for name in sorted(seen)})
+
+
+def machine_identity(stage: str) -> str | None:
+    machine = compute.machine()
+    return {"device": "gpu" if machine.gpu else "cpu", "hardware": machine.hardware, None: None}[MACHINE[stage]]
+
+
 def fingerprints(cfg: Config) -> dict[str, str]:
+    versions = library_versions()
     prints: dict[str, str] = {}
     for stage in STAGES:  # in dependency order
-        payload = {"stage": stage, "version": __version__, "config": config_slice(cfg, stage),
-                   "upstream": {up: prints[up] for up in UPSTREAM[stage]}}
+        payload = {"stage": stage, "code": code_identity(stage), "config": config_slice(cfg, stage),
+                   "libraries": {name: versions[name] for name in LIBRARIES[stage]},
+                   "machine": machine_identity(stage), "upstream": {up: prints[up] for up in UPSTREAM[stage]}}
         if stage == "base":
             payload["source"] = source_identity(cfg.model)
         if stage == "train":
@@ -135,14 +197,20 @@ def memory_plan(cfg: Config, stages: list[str], cached: set[str]) -> dict[str, d
 
 def run(cfg: Config) -> dict[str, dict]:
     """Bring `cfg.stage` up to date; returns {stage: {"status", "path"}} for the stages this process saw to.
-    With `plan=true`, logs the memory plan and returns {} having written nothing."""
+    With `plan=true`, logs the memory plan and returns {} having written nothing; with `clean=true`, removes the
+    store's partial artifacts that no process holds and returns {}."""
     distributed.setup()
     validate(cfg)
+    if cfg.clean:
+        clean(store_dir(cfg))
+        return {}
     if distributed.is_main():
         log.info("compute: %s", compute.why(cfg))
     preflight.check(cfg)
     prints = fingerprints(cfg)  # once: it hashes every local data file
     artifacts = {stage: StageDir(store_dir(cfg), stage, prints[stage]) for stage in STAGES}
+    if distributed.is_main():
+        say_partials(store_dir(cfg), {a.partial for a in artifacts.values()})
     predicted = check_before_building(cfg, artifacts) if distributed.is_main() else {}
     if cfg.plan:
         return {}
@@ -150,6 +218,24 @@ def run(cfg: Config) -> dict[str, dict]:
     rank = "" if distributed.is_main() else f"-rank{distributed.rank()}"
     with log_file(exp / "logs" / f"{time.strftime('%Y-%m-%d_%H-%M-%S')}{rank}.log"):
         return run_stages(cfg, exp, artifacts, predicted)
+
+
+def clean(store: Path) -> None:
+    removed = clean_partials(store)
+    for partial, size in removed:
+        log.info("clean: removed %s (%.2f GB)", partial, size / 1e9)
+    log.info("clean: %d partial artifacts removed (%.2f GB); %d held by running processes kept", len(removed),
+             sum(size for _, size in removed) / 1e9, len(partials(store)))
+
+
+def say_partials(store: Path, mine: set[Path]) -> None:
+    """Partial artifacts of other inputs are never deleted by a run (a requeued job resumes from its own): say they
+    are there, and how to remove them."""
+    others = [p for p in partials(store) if p not in mine]
+    if others:
+        log.info("the store holds %d partial artifacts of other inputs (%.2f GB: interrupted builds, or queued jobs' "
+                 "work in progress); `clean=true` removes those no running process holds", len(others),
+                 sum(dir_bytes(p) for p in others) / 1e9)
 
 
 def build(cfg: Config, artifact: StageDir, upstream: dict[str, StageDir], together: bool, forced: bool,

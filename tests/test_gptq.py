@@ -3,6 +3,7 @@ GPTQ one, or the AWQ one repacked from it without changing a weight."""
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -10,11 +11,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from pipeline import awq, quantease
+from pipeline import awq, models, quantease
+from pipeline.artifacts import read_manifest
 from pipeline.config import ConfigError
 from pipeline.data import read_jsonl
-from pipeline.models import dequantized, load_gptq, load_portable, load_tokenizer
+from pipeline.models import dequantized, first_that_loads, load_gptq, load_portable, load_tokenizer
 from pipeline.quality import generate_answers
+from pipeline.stages import gptq as gptq_stage
 from pipeline.stages.gptq import check_rules_match, choose_group_size, mse_exponent, vllm_problems
 from pipeline.stages.merge import compare, probe_batch, probe_logits
 
@@ -94,13 +97,45 @@ def test_non_default_settings_are_recorded(finished):
     out, _, _ = finished
     manifest = json.loads((out / "default" / "gptq" / "manifest.json").read_text())
     assert manifest["config"]["gptq"]["bits"] == 4
-    assert manifest["metrics"]["kernel"]  # the kernel GPTQModel picked on this device
+    evaluated = json.loads((out / "default" / "eval" / "eval.json").read_text())["artifacts"]["gptq"]
+    assert evaluated["kernels"]  # the kernel it loads with here, named by eval as it loads it
     assert manifest["config"]["gptq"]["mse"] is None  # null in the config, resolved for this device in the metrics
     assert manifest["metrics"]["mse"] == (2.4 if torch.cuda.is_available() else 0.0)
     assert manifest["config"]["gptq"]["sym"] is False and manifest["metrics"]["format"] == "awq"
     losses = manifest["metrics"]["highest_losses"]  # by full layer name, for gptq.dynamic rules
     assert len(losses) == 5 and list(losses.values()) == sorted(losses.values(), reverse=True), losses
     assert all(name.startswith("model.layers.") and name.endswith("_proj") for name in losses), losses
+
+
+def test_the_gptq_stage_does_not_load_the_checkpoint_it_wrote(copy_of, monkeypatch):
+    """Loading it after quantizing (to name its kernel) put the whole checkpoint on one GPU outside the memory plan,
+    where an out-of-memory threw the quantization away: eval names the kernel as it loads each artifact."""
+    exp, rerun = copy_of
+    loads = []
+
+    def spy(*args, **kwargs):
+        loads.append(args)
+        return load_gptq(*args, **kwargs)
+    monkeypatch.setattr(models, "load_gptq", spy)
+    monkeypatch.setattr(gptq_stage, "load_gptq", spy, raising=False)  # as a stage imports it
+    assert rerun("stage=gptq", "force=true")["gptq"]["status"].startswith("ran")
+    assert loads == [] and read_manifest(exp / "gptq")["metrics"]["format"] == "awq"
+
+
+def test_a_kernel_that_cannot_load_is_a_warning_and_out_of_memory_is_raised(caplog):
+    def refuses():
+        raise ValueError("no kernel for group size 48")
+
+    def allocates_too_much():
+        return torch.empty(2**62, dtype=torch.uint8)  # a real allocation this host refuses
+
+    with caplog.at_level(logging.WARNING, logger="pipeline.models"):
+        assert first_that_loads({"fast": refuses, "portable": lambda: "loaded"}, "GPTQ kernel", "ckpt") == "loaded"
+    assert [r.levelname for r in caplog.records] == ["WARNING"]
+    assert "GPTQ kernel fast cannot load ckpt (no kernel for group size 48); trying the next" in caplog.text
+    # A slower kernel needs no less memory: the failed allocation is the error, not the next kernel's.
+    with pytest.raises(RuntimeError, match="allocate"):
+        first_that_loads({"fast": allocates_too_much, "portable": lambda: "loaded"}, "GPTQ kernel", "ckpt")
 
 
 def test_mse_null_searches_ranges_on_a_gpu_only():

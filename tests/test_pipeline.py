@@ -9,8 +9,9 @@ from functools import partial
 import pytest
 from safetensors import safe_open
 
-from pipeline import card
-from pipeline.artifacts import read_manifest
+from pipeline import card, compute, runner
+from pipeline.artifacts import exclusive, library_versions, read_manifest
+from pipeline.compute import Machine
 from pipeline.runner import run
 
 from .conftest import TINY, compose_config, drop
@@ -191,3 +192,78 @@ def test_card_of_a_cached_train_manifest_without_a_loss(smallest, tmp_path):
     manifest["metrics"].update(first_loss=None, final_loss=None)
     (copy / "train" / "manifest.json").write_text(json.dumps(manifest))
     assert "| - -> - |" in card.write(cfg, copy).read_text()
+
+
+def edited_package(tmp_path, monkeypatch, module: str, line: str):
+    """Fingerprints computed over a copy of the package with `line` appended to `module` ("stages/merge.py")."""
+    package = tmp_path / "pipeline"
+    shutil.copytree(runner.PACKAGE, package, ignore=shutil.ignore_patterns("__pycache__"))
+    with open(package / module, "a") as f:
+        f.write(f"\n{line}\n")
+    monkeypatch.setattr(runner, "PACKAGE", package)
+    runner.code_identity.cache_clear()
+
+
+def changed(before: dict, after: dict) -> set[str]:
+    return {stage for stage in before if before[stage] != after[stage]}
+
+
+DOWNSTREAM_OF_MERGE = {"merge", "gptq", "eval", "bench", "serve"}
+
+
+@pytest.mark.parametrize("module, line, stale", [
+    ("stages/merge.py", "# a comment changes no result", set()),
+    ("stages/merge.py", "CHANGED = 1", DOWNSTREAM_OF_MERGE),  # the merge's code: the merge and what follows
+    ("models.py", "CHANGED = 1", {"base", "train"} | DOWNSTREAM_OF_MERGE),  # every stage loads models with it
+    ("quality.py", "CHANGED = 1", {"eval", "serve"}),  # perplexity and task scores
+    ("report.py", "CHANGED = 1", set()),  # no stage computes with the report
+])
+def test_a_code_change_makes_exactly_the_stages_that_run_it_stale(tiny_model_dir, tmp_path, monkeypatch, module,
+                                                                   line, stale):
+    cfg = compose_config(f"model.name_or_path={tiny_model_dir}")
+    before = runner.fingerprints(cfg)
+    edited_package(tmp_path, monkeypatch, module, line)
+    try:
+        assert changed(before, runner.fingerprints(cfg)) == stale
+    finally:
+        runner.code_identity.cache_clear()
+
+
+def test_a_library_upgrade_makes_the_stages_that_compute_with_it_stale(tiny_model_dir, monkeypatch):
+    cfg = compose_config(f"model.name_or_path={tiny_model_dir}")
+    before = runner.fingerprints(cfg)
+    for library, stale in (("bitsandbytes", {"base", "train", "merge", "gptq", "eval", "bench", "serve"}),
+                           ("lm_eval", {"eval"}), ("gptqmodel", {"gptq", "eval", "bench", "serve"})):
+        versions = {**library_versions(), library: "99.0"}
+        monkeypatch.setattr(runner, "library_versions", lambda: versions)
+        assert changed(before, runner.fingerprints(cfg)) == stale, library
+
+
+def test_what_a_stage_resolves_from_the_machine_is_in_its_fingerprint(tiny_model_dir, monkeypatch):
+    """A store shared by a CPU node and a GPU node (the README's cluster example) hands neither the other's adapter,
+    GPTQ checkpoint (gptq.mse=null resolves by device) or measurements; the NF4 base is the same bytes."""
+    cfg = compose_config(f"model.name_or_path={tiny_model_dir}", "compute_dtype=bfloat16")  # the same on both
+    on_cpu = runner.fingerprints(cfg)
+    monkeypatch.setattr(compute, "machine", lambda: Machine(True, True, False, "AVX2", "1x NVIDIA H100 (80 GiB)"))
+    on_gpu = runner.fingerprints(cfg)
+    assert changed(on_cpu, on_gpu) == {"train", "merge", "gptq", "eval", "bench", "serve"}
+    monkeypatch.setattr(compute, "machine", lambda: Machine(True, True, False, "AVX2", "2x NVIDIA H100 (80 GiB)"))
+    assert changed(on_gpu, runner.fingerprints(cfg)) == {"eval", "bench", "serve"}  # what they measure and place
+
+
+def test_a_run_keeps_other_inputs_partial_work_and_clean_removes_what_no_process_holds(copy_of):
+    """A requeued SLURM job waits in the queue with its lock released: its checkpoints must outlive the runs of
+    other sweep points meanwhile. `clean=true` is the one way partial work goes."""
+    exp, rerun = copy_of
+    store = exp.parent / "store"
+    queued, building = store / ".merge-0123456789abcdef.partial", store / ".merge-fedcba9876543210.partial"
+    for work in (queued, building):
+        (work / "checkpoints").mkdir(parents=True)
+        (work / "checkpoints" / "state.bin").write_bytes(b"x" * 1000)
+    assert statuses(rerun("stage=merge", "force=true"))["merge"] == "ran"
+    assert (queued / "checkpoints" / "state.bin").is_file() and (building / "checkpoints" / "state.bin").is_file()
+
+    with exclusive(building.with_suffix(".lock"), "a build in progress"):
+        assert rerun("clean=true") == {}
+    assert not queued.exists() and (building / "checkpoints" / "state.bin").is_file()
+    assert all((exp / stage / "manifest.json").is_file() for stage in STAGES), "clean removes no artifact"

@@ -167,3 +167,20 @@ def test_without_vllm_the_run_completes_and_says_not_served(copy_of):
     assert results["gptq"]["status"] == "cached"
     assert not (exp / "serve").exists()
     assert f"Served (vLLM): not served ({why})" in (exp / "report.md").read_text()
+
+
+def test_the_server_dies_with_the_pipeline_however_it_dies():
+    """The server is started through an exec wrapper (no preexec_fn, which may deadlock in a process with threads)
+    that asks the kernel to stop it when the pipeline process dies, SIGKILL included."""
+    code = ("import subprocess, sys, time; from pipeline.stages.serve import dying_with_this_process; "
+            "child = subprocess.Popen(dying_with_this_process(['sleep', '300']), start_new_session=True); "
+            "print(child.pid, flush=True); time.sleep(300)")
+    pipeline = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    server = psutil.Process(int(pipeline.stdout.readline()))
+    deadline = time.monotonic() + 30
+    while server.cmdline()[:1] != ["sleep"] and time.monotonic() < deadline:  # the wrapper has exec'd
+        time.sleep(0.05)
+    assert server.cmdline() == ["sleep", "300"] and server.ppid() == pipeline.pid
+    pipeline.kill()
+    pipeline.wait()
+    server.wait(timeout=10)  # raises psutil.TimeoutExpired if it outlived the pipeline

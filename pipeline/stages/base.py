@@ -8,8 +8,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from ..artifacts import dir_bytes
 from ..config import Config
-from ..models import bnb_config, dir_bytes, gguf_file, load_causal_lm, load_tokenizer, materialize_gguf, meta_model
+from ..models import bnb_config, gguf_file, load_causal_lm, load_tokenizer, materialize_gguf, meta_model
 
 log = logging.getLogger(__name__)
 

@@ -3,8 +3,8 @@
 Protocol after the HF quantization overview: a prompt of `prompt_len` tokens, `new_tokens` generated greedily,
 at several batch sizes, KV cache on and off. Prefill latency (one forward pass over the prompt) and decode
 throughput (the generated tokens after the first, over the time after prefill) are reported separately, as
-medians over `repeats` after `warmup` runs, with their spread. Peak memory is the GPU's max allocated, or on
-CPU the process's peak RSS sampled during generation. Decode at batch 1 is also put against the memory
+medians over `repeats` after `warmup` runs, with their spread. Peak memory (memory.peak) is the GPU's max
+allocated, or on CPU the process's peak RSS, during generation. Decode at batch 1 is also put against the memory
 bandwidth roofline: tokens/s x bytes of weights read per token / measured copy bandwidth. Besides eager
 generation, transformers' fast path (a static KV cache and torch.compile, `bench.compile`) at batch 1, with the
 compilation timed on its own (`compile_s`), not in the decode figures.
@@ -14,17 +14,15 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-import os
 import platform
 import shutil
 import statistics
-import threading
 import time
 from pathlib import Path
 
 import torch
 
-from .. import compute
+from .. import compute, memory
 from ..config import Config
 from ..models import computes_in, device, kernel_names, load_placed, placed_on
 
@@ -78,32 +76,6 @@ def weight_bytes_per_token(model) -> int:
     return total
 
 
-class PeakMemory:
-    """Peak GPU memory allocated, or peak process RSS (sampled every 5 ms) on CPU, inside a `with` block."""
-
-    def __enter__(self):
-        self.peak, self._stop = 0, threading.Event()
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
-        else:
-            import psutil
-            process = psutil.Process(os.getpid())
-
-            def sample():
-                while not self._stop.wait(0.005):
-                    self.peak = max(self.peak, process.memory_info().rss)
-            self._thread = threading.Thread(target=sample, daemon=True)
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        if torch.cuda.is_available():
-            self.peak = torch.cuda.max_memory_allocated()
-        else:
-            self._stop.set()
-            self._thread.join()
-
-
 def compile_config():
     """transformers' fast generation path: a static KV cache and the decoding forward compiled with torch.compile
     (transformers does it inside `generate` when given a static cache; off CUDA only when told to)."""
@@ -152,14 +124,49 @@ def measure(model, prompt_len: int, new_tokens: int, batch: int, use_cache: bool
     compile_s = timed(generate(new_tokens), 0, 1)[0] if compiled else None
     for _ in range(warmup):
         generate(new_tokens if compiled else min(new_tokens, 4))()
-    with PeakMemory() as peak:
+    with memory.peak() as peak:
         total = timed(generate(new_tokens), 0, repeats)
     prefill_s = statistics.median(prefill)
     decode_tps = [batch * (new_tokens - 1) / max(t - prefill_s, 1e-9) for t in total]
     return {"prompt_len": prompt_len, "new_tokens": new_tokens, "batch": batch, "use_cache": use_cache,
             "compiled": compiled, "compile_s": compile_s,
             "prefill_ms": {k: v * 1e3 for k, v in spread(prefill).items()},
-            "decode_tok_s": spread(decode_tps), "peak_memory_bytes": peak.peak}
+            "decode_tok_s": spread(decode_tps), "peak_memory_bytes": peak.get("device_bytes", peak["host_rss_bytes"])}
+
+
+def measure_artifact(cfg: Config, name: str, inputs: dict[str, Path], work: Path, matrix, compile_it: bool,
+                     bandwidth: float) -> dict:
+    """One artifact's speed over the matrix (and compiled, where asked). The model lives in this function only, so
+    that it is freed before the next artifact loads."""
+    b = cfg.bench
+    loaded = load_placed("bench", name, inputs, cfg, work / "offload")
+    if isinstance(loaded, str):
+        return {"skipped": loaded}
+    model, placed = loaded
+    model.eval()
+    per_token = weight_bytes_per_token(model)
+    runs = []
+    for new_tokens, batch, use_cache in itertools.product(matrix.new_tokens, matrix.batch_sizes, matrix.use_cache):
+        runs.append(measure(model, b.prompt_len, new_tokens, batch, use_cache, b.warmup, b.repeats, cfg.seed))
+        log.info("bench: %-6s batch %2d, %3d new tokens, cache %-5s: prefill %.1f ms, decode %.1f tok/s", name,
+                 batch, new_tokens, use_cache, runs[-1]["prefill_ms"]["median"], runs[-1]["decode_tok_s"]["median"])
+    # Batch 1; a static cache compiles once per generation length. Not across devices: accelerate's offload
+    # hooks move weights inside the forward, which torch.compile(fullgraph=True) cannot trace.
+    if compile_it and compiles(model) and placed.whole:
+        for new_tokens in matrix.new_tokens:
+            runs.append(measure(model, b.prompt_len, new_tokens, 1, True, b.warmup, b.repeats, cfg.seed,
+                                compiled=True))
+            log.info("bench: %-6s batch  1, %3d new tokens, compiled (static cache): decode %.1f tok/s "
+                     "(compiled in %.1f s)", name, new_tokens, runs[-1]["decode_tok_s"]["median"],
+                     runs[-1]["compile_s"])
+    elif compile_it:
+        log.info("bench: %s: %s; eager only", name, "transformers does not compile generation for this "
+                 "quantization" if placed.whole else f"not compiled on {placed_on(model)}")
+    single = [r for r in runs if r["batch"] == 1 and r["use_cache"] and not r["compiled"]]
+    shutil.rmtree(work / "offload", ignore_errors=True)  # its weights offloaded to disk, if any
+    return {"kernels": kernel_names(model), "placement": placed_on(model), "computed_in": computes_in(model),
+            "weight_bytes_per_token": per_token, "runs": runs,
+            "roofline_fraction": (single[0]["decode_tok_s"]["median"] * per_token / bandwidth) if single else None}
 
 
 def run(cfg: Config, work: Path, inputs: dict[str, Path]) -> dict:
@@ -170,39 +177,8 @@ def run(cfg: Config, work: Path, inputs: dict[str, Path]) -> dict:
     log.info("bench: copy bandwidth %.1f GB/s", bandwidth / 1e9)
     results = {}
     for name in b.artifacts:
-        loaded = load_placed("bench", name, inputs, cfg, work / "offload")
-        if isinstance(loaded, str):
-            results[name] = {"skipped": loaded}
-            continue
-        model, placed = loaded
-        model.eval()
-        per_token = weight_bytes_per_token(model)
-        runs = []
-        for new_tokens, batch, use_cache in itertools.product(matrix.new_tokens, matrix.batch_sizes, matrix.use_cache):
-            runs.append(measure(model, b.prompt_len, new_tokens, batch, use_cache, b.warmup, b.repeats, cfg.seed))
-            log.info("bench: %-6s batch %2d, %3d new tokens, cache %-5s: prefill %.1f ms, decode %.1f tok/s", name,
-                     batch, new_tokens, use_cache, runs[-1]["prefill_ms"]["median"],
-                     runs[-1]["decode_tok_s"]["median"])
-        # Batch 1; a static cache compiles once per generation length. Not across devices: accelerate's offload
-        # hooks move weights inside the forward, which torch.compile(fullgraph=True) cannot trace.
-        if name in to_compile and compiles(model) and placed.whole:
-            for new_tokens in matrix.new_tokens:
-                runs.append(measure(model, b.prompt_len, new_tokens, 1, True, b.warmup, b.repeats, cfg.seed,
-                                    compiled=True))
-                log.info("bench: %-6s batch  1, %3d new tokens, compiled (static cache): decode %.1f tok/s "
-                         "(compiled in %.1f s)", name, new_tokens, runs[-1]["decode_tok_s"]["median"],
-                         runs[-1]["compile_s"])
-        elif name in to_compile:
-            log.info("bench: %s: %s; eager only", name, "transformers does not compile generation for this "
-                     "quantization" if placed.whole else f"not compiled on {placed_on(model)}")
-        single = [r for r in runs if r["batch"] == 1 and r["use_cache"] and not r["compiled"]]
-        results[name] = {
-            "kernels": kernel_names(model), "placement": placed_on(model), "computed_in": computes_in(model),
-            "weight_bytes_per_token": per_token,
-            "runs": runs,
-            "roofline_fraction": (single[0]["decode_tok_s"]["median"] * per_token / bandwidth) if single else None}
-        del model
-        shutil.rmtree(work / "offload", ignore_errors=True)  # its weights offloaded to disk, if any
+        results[name] = measure_artifact(cfg, name, inputs, work, matrix, name in to_compile, bandwidth)
+        memory.release_freed_heap()  # the artifact is gone (it lived in measure_artifact): the next loads in its place
     report = {"device": device_facts(), "compute": compute.record(cfg), "bandwidth_bytes_s": bandwidth,
               "matrix": {"new_tokens": list(matrix.new_tokens), "batch_sizes": list(matrix.batch_sizes),
                          "use_cache": list(matrix.use_cache)}, "artifacts": results}

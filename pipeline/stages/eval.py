@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .. import compute, harness
+from .. import compute, harness, memory
 from ..config import Config, ConfigError
 from ..data import pydoc_texts, read_jsonl, row_text, task_chats, token_windows
 from ..models import (artifact_disk_bytes, artifact_paths, computes_in, dequantized, load_placed, load_portable,
@@ -70,6 +70,38 @@ def quantize_rtn(cfg: Config, merged: Path, out: Path) -> None:
                                               offload_to_disk_path=str(out.resolve() / "offload")), None)
 
 
+def evaluate(cfg: Config, name: str, inputs: dict[str, Path], work: Path, windows: list, chats: list, tokenizer,
+             lm_specs: list, manager) -> tuple[dict, torch.Tensor | None]:
+    """One artifact's measurements, and its histogram layer's weights where it has them. The model lives in this
+    function only, so that it is freed before the next artifact loads."""
+    e = cfg.eval
+    loaded = load_placed("eval", name, inputs, cfg, work / "offload")
+    if isinstance(loaded, str):
+        return {"skipped": loaded}, None
+    model, placed = loaded
+    log.info("eval: %s on %s", name, placed_on(model))
+    model.eval()
+    # Weights and memory first: on CPUs with AVX512-BF16 the first forward repacks NF4 weights in place.
+    result = {"disk_bytes": artifact_disk_bytes(name, inputs), "param_bytes": model.get_memory_footprint(),
+              "kernels": quantized_kernels(model), "placement": placed_on(model), "computed_in": computes_in(model)}
+    # The histogram reads one layer of a model loaded whole (an offloaded layer's weights are read only inside
+    # its forward; the GPTQ histogram loads the checkpoint again, on one device).
+    dense = None
+    if name in HISTOGRAM_ARTIFACTS and placed.whole:
+        dense = dense_weight(name, model, inputs["gptq"], e.histogram_layer)
+        dense = dense.flatten().cpu() if dense is not None else None
+    result["ppl"] = perplexity(model, windows)
+    scores = task_scores(model, tokenizer, chats, max_new_tokens=e.max_new_tokens, batch_size=e.batch_size)
+    result["task_accuracy"], result["task_similarity"] = scores["accuracy"], scores["similarity"]
+    log.info("eval: %s ppl %.2f, task accuracy %s, similarity %s", name, result["ppl"], scores["accuracy"],
+             scores["similarity"])
+    if lm_specs:
+        result["lm_eval"] = harness.evaluate(model, tokenizer, lm_specs, manager, e.lm_eval)
+        log.info("eval: %s lm-eval %s", name, result["lm_eval"])
+    shutil.rmtree(work / "offload", ignore_errors=True)  # its weights offloaded to disk, if any
+    return result, dense
+
+
 def run(cfg: Config, work: Path, inputs: dict[str, Path]) -> dict:
     e = cfg.eval
     tokenizer = load_tokenizer(inputs["base"] / "nf4")
@@ -104,33 +136,10 @@ def run(cfg: Config, work: Path, inputs: dict[str, Path]) -> dict:
             log.warning("eval: %s was not produced by this run (%s); skipped", name, path)
             results[name] = {"skipped": f"{path} does not exist"}
             continue
-        loaded = load_placed("eval", name, inputs, cfg, work / "offload")
-        if isinstance(loaded, str):
-            results[name] = {"skipped": loaded}
-            continue
-        model, placed = loaded
-        log.info("eval: %s on %s", name, placed_on(model))
-        model.eval()
-        # Weights and memory first: on CPUs with AVX512-BF16 the first forward repacks NF4 weights in place.
-        results[name] = {"disk_bytes": artifact_disk_bytes(name, inputs), "param_bytes": model.get_memory_footprint(),
-                         "kernels": quantized_kernels(model), "placement": placed_on(model),
-                         "computed_in": computes_in(model)}
-        # The histogram reads one layer of a model loaded whole (an offloaded layer's weights are read only inside
-        # its forward; the GPTQ histogram loads the checkpoint again, on one device).
-        if name in HISTOGRAM_ARTIFACTS and placed.whole:
-            dense = dense_weight(name, model, inputs["gptq"], e.histogram_layer)
-            if dense is not None:
-                weights[name] = dense.flatten().cpu()
-        results[name]["ppl"] = perplexity(model, windows)
-        scores = task_scores(model, tokenizer, chats, max_new_tokens=e.max_new_tokens, batch_size=e.batch_size)
-        results[name]["task_accuracy"], results[name]["task_similarity"] = scores["accuracy"], scores["similarity"]
-        log.info("eval: %s ppl %.2f, task accuracy %s, similarity %s", name, results[name]["ppl"],
-                 scores["accuracy"], scores["similarity"])
-        if lm_tasks:
-            results[name]["lm_eval"] = harness.evaluate(model, tokenizer, lm_specs, manager, e.lm_eval)
-            log.info("eval: %s lm-eval %s", name, results[name]["lm_eval"])
-        del model
-        shutil.rmtree(work / "offload", ignore_errors=True)  # its weights offloaded to disk, if any
+        results[name], dense = evaluate(cfg, name, inputs, work, windows, chats, tokenizer, lm_specs, manager)
+        memory.release_freed_heap()  # the artifact is gone (it lived in evaluate): the next loads in its place
+        if dense is not None:
+            weights[name] = dense
 
     report = {"compute": compute.record(cfg), "ppl_source": e.ppl_source, "ppl_windows": len(windows),
               "ppl_seq_len": e.ppl_seq_len,

@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 from .. import awq, compute, quantease
 from ..config import Config, ConfigError, GPTQConfig, checkpoint_format
 from ..data import calibration_windows, read_jsonl
-from ..models import device, load_gptq, load_tokenizer, meta_model, quantized_kernels, torch_dtype
+from ..models import device, load_tokenizer, meta_model, torch_dtype
 
 # GPTQModel sizes its CPU worker pool at import and crashes on 2-core machines unless told to use 2 or more.
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, os.cpu_count() or 2)))
@@ -153,11 +153,6 @@ def highest_losses(checkpoint: Path, linears: dict[str, int], count: int = 5) ->
             for layer, loss in short.items()}
 
 
-def kernel_name(checkpoint: Path, dtype: torch.dtype) -> str:
-    """The kernel class(es) that loading the checkpoint as eval and users do (load_gptq) uses here."""
-    return ", ".join(quantized_kernels(load_gptq(checkpoint, dtype)))
-
-
 def group_size_for(cfg: Config, merged: Path) -> tuple[int, dict[str, int]]:
     """The stage-wide group size, and the input size of each layer GPTQ quantizes."""
     linears = quantized_linears(merged, cfg.model.trust_remote_code)
@@ -284,8 +279,7 @@ def run(cfg: Config, work: Path, inputs: dict[str, Path]) -> dict:
                  ", ".join(f"{name} {loss:.3g}" for name, loss in losses.items()))
     result = {"format": layout, "group_size": group_size, "act_group_aware": quant_config.act_group_aware,
               "mse": mse, "calibration_windows": len(windows), "layer_in_features": sorted(set(linears.values())),
-              "vllm_compatible": not problems, "vllm_problems": problems,
-              "kernel": kernel_name(work, compute.dtype(cfg)), "computed_in": compute.dtype_name(cfg),
+              "vllm_compatible": not problems, "vllm_problems": problems, "computed_in": compute.dtype_name(cfg),
               "highest_losses": losses}
     if errors:
         (work / "quantease_errors.json").write_text(json.dumps(errors, indent=1))

@@ -12,7 +12,6 @@ killed, the kernel tells the server to stop (PR_SET_PDEATHSIG). Results: `serve.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import importlib.util
 import json
 import logging
@@ -96,7 +95,7 @@ if sys.argv[1] == "cpu":
 
 
 def no_4bit_kernel() -> str:
-    return (f"vLLM's build for this CPU ({compute.this_machine().cpu_class}) has no 4-bit kernel: it serves 4-bit "
+    return (f"vLLM's build for this CPU ({compute.machine().cpu_class}) has no 4-bit kernel: it serves 4-bit "
             "checkpoints on CPUs with AVX-512 only")
 
 
@@ -164,9 +163,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _die_with_parent() -> None:
-    """In the server process: SIGTERM when the pipeline process dies, however it dies."""
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+def dying_with_this_process(command: list[str]) -> list[str]:
+    """`command`, started through a bare Python (-I -S: milliseconds) that asks the kernel for SIGTERM when this
+    process dies, however it dies (PR_SET_PDEATHSIG, kept across exec), then execs it. Not a preexec_fn: between
+    fork and exec, in a process with threads (torch's), Python code may deadlock; exec'ing first is safe."""
+    return [sys.executable, "-I", "-S", "-c", "import ctypes, os, signal, sys; "
+            "ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM); "  # 1 = PR_SET_PDEATHSIG
+            "os.getppid() == int(sys.argv[1]) or sys.exit('its parent ended before it started'); "
+            "os.execvp(sys.argv[2], sys.argv[2:])", str(os.getpid()), *command]
 
 
 @contextlib.contextmanager
@@ -187,8 +191,8 @@ def vllm_server(cfg: Config, python: str, checkpoint: Path, log_path: Path, tens
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.serve.cpu_kv_cache_gb))
     log.info("serve: starting vLLM on 127.0.0.1:%d (its log: %s)", port, log_path)
     with log_path.open("ab") as out:
-        server = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-                                  preexec_fn=_die_with_parent)
+        server = subprocess.Popen(dying_with_this_process(command), stdout=out, stderr=subprocess.STDOUT, env=env,
+                                  start_new_session=True)
     try:
         url = f"http://127.0.0.1:{port}"
         wait_healthy(server, url, cfg.serve.startup_timeout_s, log_path)
