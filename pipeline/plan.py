@@ -92,13 +92,15 @@ class Row:
         return self.predicted <= self.available
 
 
-def sixteen_bit(s: Shape) -> int:
-    return 2 * s.params
+def sixteen_bit(s: Shape, width: int = 2) -> int:
+    """A model's weights in 16 bits, or `width` bytes a parameter (a 16-bit checkpoint computing in float32)."""
+    return width * s.params
 
 
-def four_bit(s: Shape, bytes_per_param: float = NF4_BYTES) -> int:
-    """A model with its decoder layers' linear weights in 4 bits and the rest (embeddings, norms) in 16."""
-    return int(bytes_per_param * s.linear + 2 * (s.params - s.linear))
+def four_bit(s: Shape, bytes_per_param: float = NF4_BYTES, width: int = 2) -> int:
+    """A model with its decoder layers' linear weights in 4 bits and the rest (embeddings, norms) in 16 bits, or
+    `width` bytes a parameter (loaded computing in float32)."""
+    return int(bytes_per_param * s.linear + width * (s.params - s.linear))
 
 
 def logits(tokens: int, s: Shape) -> int:
@@ -119,6 +121,7 @@ def loading(weights: int, on_gpu: bool) -> dict:
 def stage_terms(stage: str, cfg: Config, s: Shape, on_gpu: bool, source_bytes: int, source_gguf: bool) -> dict:
     """The bytes a stage holds at its peak, by what holds them (the import floor is added on the host only)."""
     train_tokens = cfg.train.batch_size * cfg.data.max_seq_len
+    width = compute.dtype(cfg).itemsize  # bytes of a weight computed with: eval, bench, serve load 16-bit parts in it
     if stage == "base":
         if source_gguf:  # dequantized to fp32 by transformers' GGUF loader, then copied into a 16-bit model
             return {"GGUF file": source_bytes, "fp32 + 16-bit copies": 6 * s.params, "NF4 weights": four_bit(s)}
@@ -131,8 +134,8 @@ def stage_terms(stage: str, cfg: Config, s: Shape, on_gpu: bool, source_bytes: i
                  "logits and their gradient": 3 * logits(train_tokens, s),
                  "embeddings in fp32": 2 * s.embedding}  # peft's k-bit preparation upcasts what is not 4-bit
         if not on_gpu and not cfg.train.gradient_checkpointing:
-            # bitsandbytes' CPU path saves each layer's dequantized 16-bit weight for the backward pass
-            terms["dequantized weights kept for backward"] = 2 * s.linear
+            # bitsandbytes' CPU path saves each layer's weight, dequantized to the compute dtype, for the backward
+            terms["dequantized weights kept for backward"] = width * s.linear
         return terms
     if stage == "merge":  # streamed: a layer (or the embedding) at a time, in fp32, plus what peft's layers hold
         return {"largest layer in fp32, merged and written": 12 * max(s.layer, s.embedding),
@@ -150,8 +153,9 @@ def stage_terms(stage: str, cfg: Config, s: Shape, on_gpu: bool, source_bytes: i
                 if checkpoint_format(cfg.gptq) == "awq" else 0}
     if stage == "eval":  # one artifact at a time; the largest is 16-bit (base16, merged)
         lm_eval_batch = cfg.eval.lm_eval.batch_size if cfg.eval.lm_eval.tasks else 0
-        largest = sixteen_bit(s) if {"base16", "merged"} & set(cfg.eval.artifacts) else four_bit(s)
-        return {"largest artifact (16-bit)": largest, **loading(largest, on_gpu),
+        dense = {"base16", "merged"} & set(cfg.eval.artifacts)
+        largest = sixteen_bit(s, width) if dense else four_bit(s, width=width)
+        return {"largest artifact (16-bit)": largest, **loading(sixteen_bit(s) if dense else four_bit(s), on_gpu),
                 "logits of a scoring batch": 4 * logits(max(lm_eval_batch, 1) * cfg.eval.ppl_seq_len, s),
                 "RTN reference (as gptq)": 8 * s.embedding if "rtn" in cfg.eval.artifacts else 0}
     if stage == "bench":
@@ -159,15 +163,17 @@ def stage_terms(stage: str, cfg: Config, s: Shape, on_gpu: bool, source_bytes: i
         tokens = cfg.bench.prompt_len + max(cfg.bench.full.new_tokens if on_gpu else cfg.bench.cpu.new_tokens)
         from .stages.bench import compiled_artifacts
 
-        largest = sixteen_bit(s) if {"base16", "merged"} & set(cfg.bench.artifacts) else four_bit(s)
-        return {"largest artifact (16-bit)": largest, **loading(largest, on_gpu),
+        dense = {"base16", "merged"} & set(cfg.bench.artifacts)
+        largest = sixteen_bit(s, width) if dense else four_bit(s, width=width)
+        return {"largest artifact (16-bit)": largest, **loading(sixteen_bit(s) if dense else four_bit(s), on_gpu),
                 "KV cache": batch * tokens * s.kv_bytes_per_token,
                 "prefill logits": logits(batch * cfg.bench.prompt_len, s),
                 # measured on the default model on CPU: compiling the merged model's decoding step took 0.5 GiB
                 "torch.compile": 2 * largest if compiled_artifacts(cfg) else 0}
     if stage == "serve":  # transformers' answers from the checkpoint (this process), and the vLLM server
         checkpoint = four_bit(s, gptq_bytes_per_param(cfg))
-        terms = {"checkpoint in transformers": checkpoint, **loading(checkpoint, on_gpu)}
+        terms = {"checkpoint in transformers": four_bit(s, gptq_bytes_per_param(cfg), width),
+                 **loading(checkpoint, on_gpu)}
         if on_gpu:  # vLLM takes gpu_memory_utilization of the card; what matters is that the weights fit
             return {**terms, "checkpoint in vLLM": checkpoint}
         return {**terms, "vLLM server": int(VLLM_FLOOR) + checkpoint + cfg.serve.cpu_kv_cache_gb * GIB}
