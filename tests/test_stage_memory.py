@@ -37,12 +37,22 @@ def test_eval_and_bench_load_each_artifact_after_the_last_one_is_freed(copy_of, 
 
 
 def test_a_peak_measured_inside_a_stage_leaves_the_stage_peak_whole():
-    """bench measures each generation's peak inside the stage's meter: resetting the peaks for the inner block must
-    not lose what the stage held before it."""
+    """bench measures each generation's peak inside the stage's meter: resetting the peaks for an inner block must
+    not lose what the stage held before it, nor stop the stage's meter seeing what comes after it."""
     megabytes = 256
-    with memory.peak() as stage:
+
+    def hold_and_free():
         held = torch.ones(megabytes * 2**20 // 4)  # touched: resident
         del held  # a large block goes back to the OS at once
+
+    with memory.peak() as before:
+        hold_and_free()
         with memory.peak() as generation:
             torch.ones(1024)
-    assert stage["host_rss_bytes"] - generation["host_rss_bytes"] > 0.8 * megabytes * 2**20, (stage, generation)
+    with memory.peak() as after:
+        for _ in range(3):  # inner blocks whose peaks equal the stage's: its meter stays open all the same
+            with memory.peak() as generation:
+                torch.ones(1024)
+        hold_and_free()
+    for stage in (before, after):
+        assert stage["host_rss_bytes"] - generation["host_rss_bytes"] > 0.8 * megabytes * 2**20, (stage, generation)
