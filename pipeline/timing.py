@@ -110,10 +110,11 @@ class Work:
         self.terms[name] = self.terms.get(name, 0.0) + seconds
 
     def forward(self, name: str, tokens: float, calls: float, kind: str = "inference", passes: float = 1,
-                head: bool = True, artifact: str = "") -> None:
+                head: bool = True, artifact: str = "", scale: float = 1.0) -> None:
         """`calls` forward calls over `tokens` tokens in all, each pass `passes` times (training: a forward and a
         backward, about three): their matmul FLOPs (the decoder layers', and the LM head's on every token with
-        `head`) and each call's per-layer cost; an `artifact` named nf4 or qlora adds bitsandbytes' and peft's."""
+        `head`) and each call's per-layer cost; an `artifact` named nf4 or qlora adds bitsandbytes' and peft's.
+        `scale`: a runtime's time against transformers' eager forward (vLLM's)."""
         s, rates, where = self.s, self.rates, self.rates.device
         flops = 2 * (s.linear + (s.hidden * s.vocab if head else 0)) * tokens * passes
         a, b = SECONDS_PER_FLOP[kind]
@@ -124,7 +125,7 @@ class Work:
             layers += calls * passes * s.linear * DEQUANT_S_PER_PARAM[where]
         if artifact == "qlora" or kind == "training":
             layers += calls * passes * s.modules * LORA_MODULE_CALL_S[where]
-        self.add(name, flops * per_flop + layers)
+        self.add(name, scale * (flops * per_flop + layers))
 
     def generate(self, name: str, prompts: int, prompt_tokens: float, new_tokens: int, batch: int,
                  artifact: str = "") -> None:
@@ -140,7 +141,7 @@ class Work:
 
 # Fixed seconds of each stage besides its modelled work (the libraries' set-up, saving, the trainer's checkpoints),
 # and per-parameter seconds of reading, converting and writing weights; fitted as the constants above.
-FIXED_S = {"base": 0.5, "train": 2.0, "merge": 0.5, "gptq": 2.0, "eval": 3.0, "bench": 2.0, "serve": 10.0}
+FIXED_S = {"base": 0.5, "train": 2.0, "merge": 0.5, "gptq": 0.5, "eval": 3.0, "bench": 2.0, "serve": 10.0}
 # ("load": an artifact loaded for eval or bench, and what eval reads of its weights for the histogram)
 WEIGHTS_S_PER_PARAM = {"base": 0.05e-6, "gguf": 0.15e-6, "merge": 0.02e-6, "gptq": 0.03e-6, "load": 0.04e-6}
 GPTQ_MODULE_S = {"cpu": 0.1, "cuda": 0.03}  # GPTQModel's per-module work besides FLOPs (its solver loop, packing)
@@ -149,7 +150,10 @@ GPTQ_LAYER_PASSES = 4  # forward passes of each layer over the calibration windo
 # torch.compile of a decoding step, with an empty compile cache as on a fresh machine: fixed, and per decoder layer
 # (measured on CPU: 22 s for 2 layers, 56-61 s for 30)
 COMPILE_S = {"cpu": (20.0, 1.3), "cuda": (30.0, 0.5)}
-VLLM_START_S = {"cpu": 45.0, "cuda": 60.0}  # the server up and healthy (its imports, weights, warm-up)
+VLLM_START_S = {"cpu": 40.0, "cuda": 60.0}  # the server up and healthy (its imports, weights, warm-up): 34-45 s
+# vLLM's decoding against transformers' eager one on the same work: its fused CPU kernels step about twice as fast
+# (measured on the default, AVX512-BF16: 25 s of answers and load where transformers' terms say 63).
+VLLM_STEP_FACTOR = 0.45
 EVAL_ARTIFACT_S = 0.3  # eval's set-up of each artifact besides loading it (lm-eval's tasks)
 
 
@@ -230,7 +234,7 @@ def stage_terms(stage: str, cfg: Config, s, rates: Rates, typical: Chats, source
         waves = [(math.ceil(prompts / max(sv.concurrency)), sv.max_new_tokens)] + [
             (math.ceil(max(sv.requests, c) / c), sv.load_max_tokens) for c in sv.concurrency]
         tokens = prompts * sv.max_new_tokens + sum(max(sv.requests, c) * sv.load_max_tokens for c in sv.concurrency)
-        work.forward("vLLM's answers and load", tokens, sum(n * length for n, length in waves))
+        work.forward("vLLM's answers and load", tokens, sum(n * length for n, length in waves), scale=VLLM_STEP_FACTOR)
     return {name: round(seconds, 2) for name, seconds in work.terms.items()}
 
 
