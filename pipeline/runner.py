@@ -33,11 +33,13 @@ UPSTREAM = {"base": [], "train": ["base"], "merge": ["base", "train"], "gptq": [
             "serve": ["train", "gptq"]}
 # compute_dtype as resolved on this machine (compute.py): an adapter trained in float32 is not the one trained in
 # bfloat16, so a store shared by machines of both kinds keeps one of each. The base stage quantizes the weights as
-# stored, whatever the machine computes in.
+# stored, whatever the machine computes in. `memory` places eval's, bench's and serve's artifacts: an artifact skipped
+# for lack of room is measured once the user raises memory.max_memory, as the skip's message says to.
 CONFIG_KEYS = {"base": ["model", "base"], "train": ["data", "train", "seed", "compute_dtype"],
                "merge": ["merge", "compute_dtype"], "gptq": ["gptq", "seed", "compute_dtype"],
-               "eval": ["eval", "seed", "compute_dtype"], "bench": ["bench", "seed", "compute_dtype"],
-               "serve": ["serve", "seed", "compute_dtype"]}
+               "eval": ["eval", "seed", "compute_dtype", "memory"],
+               "bench": ["bench", "seed", "compute_dtype", "memory"],
+               "serve": ["serve", "seed", "compute_dtype", "memory"]}
 
 
 def config_slice(cfg: Config, stage: str) -> dict:
@@ -99,8 +101,11 @@ def code_identity(stage: str) -> str:
 
 
 def machine_identity(stage: str) -> str | None:
+    """What `stage` resolves from this machine, in words (see MACHINE)."""
     machine = compute.machine()
-    return {"device": "gpu" if machine.gpu else "cpu", "hardware": machine.hardware, None: None}[MACHINE[stage]]
+    if MACHINE[stage] == "device":
+        return "gpu" if machine.gpu else "cpu"
+    return machine.hardware if MACHINE[stage] == "hardware" else None
 
 
 def fingerprints(cfg: Config) -> dict[str, str]:

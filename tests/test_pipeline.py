@@ -267,3 +267,12 @@ def test_a_run_keeps_other_inputs_partial_work_and_clean_removes_what_no_process
         assert rerun("clean=true") == {}
     assert not queued.exists() and (building / "checkpoints" / "state.bin").is_file()
     assert all((exp / stage / "manifest.json").is_file() for stage in STAGES), "clean removes no artifact"
+
+
+def test_raising_the_memory_budget_measures_what_was_skipped_for_lack_of_room(tiny_model_dir):
+    """The skip's message says to raise memory.max_memory: the next run must measure the artifact, not return the
+    cached skip. Placement changes nothing upstream of eval, bench and serve."""
+    model = f"model.name_or_path={tiny_model_dir}"
+    before = runner.fingerprints(compose_config(model))
+    after = runner.fingerprints(compose_config(model, "+memory.max_memory.cpu=64GiB"))
+    assert changed(before, after) == {"eval", "bench", "serve"}
