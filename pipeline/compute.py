@@ -9,6 +9,7 @@ to disk stays as `model.dtype` and `merge.dtype` say; what is computed follows t
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -123,15 +124,20 @@ def _cache_file() -> Path:
     return root / "pipeline" / "matmul_rates.json"
 
 
+def _cpu_name() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
 def _machine_key(device: torch.device, name: str) -> str:
     """Rates depend on the processor, what PyTorch may use of it (its dispatch limits, threads) and the dtype."""
     if device.type == "cuda":
         what = [torch.cuda.get_device_name(device)]
     else:
-        cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                    if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").is_file() \
-            else platform.processor()
-        what = [cpu, torch.backends.cpu.get_cpu_capability(), str(_onednn_bf16()), str(torch.get_num_threads())]
+        what = [_cpu_name(), torch.backends.cpu.get_cpu_capability(), str(_onednn_bf16()), str(torch.get_num_threads())]
     text = "|".join([platform.node(), torch.__version__, *what, name])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 

@@ -118,6 +118,14 @@ def loading(weights: int, on_gpu: bool) -> dict:
     return {} if on_gpu else {"its checkpoint, mapped while loading": weights}
 
 
+def largest_artifact(artifacts: list[str], s: Shape, width: int, on_gpu: bool) -> dict:
+    """Eval's and bench's largest artifact, one at a time: 16-bit when base16 or merged is among them, its 16-bit
+    parts loaded `width` bytes a parameter (the compute dtype's), and on CPU its checkpoint mapped while loading."""
+    dense = {"base16", "merged"} & set(artifacts)
+    return {"largest artifact (16-bit)": sixteen_bit(s, width) if dense else four_bit(s, width=width),
+            **loading(sixteen_bit(s) if dense else four_bit(s), on_gpu)}
+
+
 def stage_terms(stage: str, cfg: Config, s: Shape, on_gpu: bool, source_bytes: int, source_gguf: bool) -> dict:
     """The bytes a stage holds at its peak, by what holds them (the import floor is added on the host only)."""
     train_tokens = cfg.train.batch_size * cfg.data.max_seq_len
@@ -153,9 +161,7 @@ def stage_terms(stage: str, cfg: Config, s: Shape, on_gpu: bool, source_bytes: i
                 if checkpoint_format(cfg.gptq) == "awq" else 0}
     if stage == "eval":  # one artifact at a time; the largest is 16-bit (base16, merged)
         lm_eval_batch = cfg.eval.lm_eval.batch_size if cfg.eval.lm_eval.tasks else 0
-        dense = {"base16", "merged"} & set(cfg.eval.artifacts)
-        largest = sixteen_bit(s, width) if dense else four_bit(s, width=width)
-        return {"largest artifact (16-bit)": largest, **loading(sixteen_bit(s) if dense else four_bit(s), on_gpu),
+        return {**largest_artifact(cfg.eval.artifacts, s, width, on_gpu),
                 "logits of a scoring batch": 4 * logits(max(lm_eval_batch, 1) * cfg.eval.ppl_seq_len, s),
                 "RTN reference (as gptq)": 8 * s.embedding if "rtn" in cfg.eval.artifacts else 0}
     if stage == "bench":
@@ -163,9 +169,7 @@ def stage_terms(stage: str, cfg: Config, s: Shape, on_gpu: bool, source_bytes: i
         tokens = cfg.bench.prompt_len + max(cfg.bench.full.new_tokens if on_gpu else cfg.bench.cpu.new_tokens)
         from .stages.bench import compiled_artifacts
 
-        dense = {"base16", "merged"} & set(cfg.bench.artifacts)
-        largest = sixteen_bit(s, width) if dense else four_bit(s, width=width)
-        return {"largest artifact (16-bit)": largest, **loading(sixteen_bit(s) if dense else four_bit(s), on_gpu),
+        return {**largest_artifact(cfg.bench.artifacts, s, width, on_gpu),
                 "KV cache": batch * tokens * s.kv_bytes_per_token,
                 "prefill logits": logits(batch * cfg.bench.prompt_len, s),
                 # measured on the default model on CPU: compiling the merged model's decoding step took 0.5 GiB in

@@ -192,14 +192,13 @@ def store_unquantized(checkpoint: Path, dtype: torch.dtype) -> None:
     for shard in sorted(checkpoint.glob("*.safetensors")):
         with safe_open(shard, "pt") as f:
             tensors, metadata = {name: f.get_tensor(name) for name in f.keys()}, f.metadata()
-        cast = [name for name, tensor in tensors.items()
-                if tensor.is_floating_point() and tensor.dtype != dtype and not name.endswith(".scales")]
+        cast = {name: tensor.to(dtype) for name, tensor in tensors.items()
+                if tensor.is_floating_point() and tensor.dtype != dtype and not name.endswith(".scales")}
         if not cast:
             continue
-        narrowed += sum(tensors[name].nbytes - tensors[name].to(dtype).nbytes for name in cast)
+        narrowed += sum(tensors[name].nbytes - tensor.nbytes for name, tensor in cast.items())
         partial = shard.with_suffix(".partial")
-        save_file({name: tensor.to(dtype) if name in cast else tensor for name, tensor in tensors.items()}, partial,
-                  metadata)
+        save_file({**tensors, **cast}, partial, metadata)
         os.replace(partial, shard)
     index = checkpoint / "model.safetensors.index.json"
     if narrowed and index.is_file():
