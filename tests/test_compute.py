@@ -51,10 +51,12 @@ def test_the_choice_follows_what_the_machine_computes_fast(machine, requested, e
 
 def test_the_choice_rests_on_the_measured_matmul_speed():
     """The premise, measured on this machine as it is and held to AVX2: bfloat16 is chosen exactly where PyTorch's
-    bfloat16 matmul is not far slower than float32 (on AVX2 it is about 250x slower)."""
+    bfloat16 matmul is not far slower than float32 (on AVX2 it is about 250x slower). With oneDNN held to AVX-512
+    without its bfloat16 instructions (ONEDNN_MAX_CPU_ISA=AVX512_CORE, the AVX-512 class) it ran at 0.55x float32
+    here, and 2.3-2.8x with AVX512-BF16: the bound leaves room for that class and for timing noise."""
     here = this_machine()
     ratio = matmul_rate(torch.bfloat16) / matmul_rate(torch.float32)
-    assert (ratio > 0.5) if here.cpu_bf16 else (ratio < 0.1), (here, ratio)
+    assert (ratio > 0.25) if here.cpu_bf16 else (ratio < 0.1), (here, ratio)
     code = ("import torch; from pipeline.compute import matmul_rate, this_machine; m = this_machine(); "
             "print(m.cpu_bf16, m.cpu_class, matmul_rate(torch.bfloat16) / matmul_rate(torch.float32))")
     fast, cpu_class, avx2_ratio = python(code, AVX2).split()
