@@ -97,6 +97,7 @@ class BaseConfig:
     # The dtype the packed 4-bit weights are stored in. FSDP needs it equal to the other weights' dtype
     # (bfloat16) to shard them together; uint8 otherwise.
     quant_storage: str = "uint8"
+    max_shard_size: str = "5GB"  # the NF4 checkpoint's shard size (HF's syntax); written as quantized, none held
 
 
 @dataclass
@@ -173,7 +174,8 @@ MERGE_TARGETS = ("nf4", "original")
 
 
 def shard_bytes(size: Any) -> int | None:
-    """merge.max_shard_size in bytes (HF's syntax: an integer, or "2GB", "500MB", "1GiB"), None if unreadable."""
+    """A shard size (base.max_shard_size, merge.max_shard_size) in bytes (HF's syntax: an integer, or "2GB", "500MB",
+    "1GiB"), None if unreadable."""
     from transformers.utils.hub import convert_file_size_to_int
 
     try:
@@ -431,6 +433,8 @@ def validate(cfg: Any) -> None:
     _check(cfg.base.quant_type in ("nf4", "fp4"), "base.quant_type", "nf4 or fp4", cfg.base.quant_type)
     _check(cfg.base.quant_storage in ("uint8",) + DTYPES, "base.quant_storage", f"uint8 or one of {DTYPES}",
            cfg.base.quant_storage)
+    _check(shard_bytes(cfg.base.max_shard_size) is not None, "base.max_shard_size", "a size such as 2GB or 500MB",
+           cfg.base.max_shard_size)
     _check(cfg.data.max_seq_len > 0, "data.max_seq_len", "a positive integer", cfg.data.max_seq_len)
     _check(cfg.data.heldout_examples >= 0, "data.heldout_examples", "0 or more", cfg.data.heldout_examples)
     _check(cfg.data.builtin_examples > cfg.data.heldout_examples, "data.builtin_examples",

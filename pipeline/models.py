@@ -76,9 +76,12 @@ def device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
-def device_map() -> dict | None:
+def device_map() -> dict:
     if distributed.fsdp():
-        return None  # FSDP places and shards the weights itself (rank 0 loads them, then they are scattered)
+        # FSDP places the weights itself: each rank reads them into host memory, and FSDP moves its share to its GPU
+        # one wrapped layer at a time. Not None: transformers would put a bitsandbytes model whole on the current GPU
+        # (its 4-bit quantizer's default map), which is what FSDP is there to avoid.
+        return {"": "cpu"}
     # One process per device (DDP places each rank on its own GPU); CPU otherwise.
     return {"": device()}
 
@@ -106,22 +109,6 @@ def load_tokenizer(path: str | Path, model: ModelConfig | None = None):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
-
-
-def materialize_gguf(gguf: Path, dtype: str, out_dir: Path) -> None:
-    """Turn a GGUF file into a plain HF safetensors checkpoint (weights dequantized to `dtype`)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    log.info("materializing %s as an HF checkpoint", gguf.name)
-    loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    # save_pretrained refuses GGUF-loaded models: rebuild a plain one with the same config and weights.
-    config = loaded.config
-    config.dtype = dtype
-    del config.quantization_config  # the weights below are plain tensors, no longer GGUF blocks
-    model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
-    model.load_state_dict(loaded.state_dict())
-    model.save_pretrained(out_dir)
-    AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(out_dir)
 
 
 def bnb_config(base: BaseConfig, dtype: str):

