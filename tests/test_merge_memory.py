@@ -1,5 +1,6 @@
-"""Memory at the sizes QLoRA is for, measured on this machine: the merge runs under an address-space cap smaller
-than the model's float32 copy (what the in-memory merge held), and scripts/bench_memory.py measures every stage's
+"""Memory at the sizes QLoRA is for, measured on this machine: the base stage and the merge run under an address-space
+cap smaller than the model's float32 copy (what the in-memory merge held), the base stage in less than half the
+model's 16-bit weights (what it loaded whole before it streamed), and scripts/bench_memory.py measures every stage's
 peak as the model grows; what a stage frees is given back before the next one."""
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from pipeline.artifacts import read_manifest
 
 
-# The capped merge: a Llama of TinyLlama's width, deep enough that its float32 copy (what the in-memory merge
+# The capped base stage and merge: a Llama of TinyLlama's width, deep enough that its float32 copy (what the in-memory merge
 # held) is larger than the address space the merge may use (the imports alone take some 2.4 GB of it; the merge
 # peaked at 2.7 GB here). MALLOC_ARENA_MAX=1: glibc's per-thread arenas reserve 64 MB of address space each
 # without using it.
@@ -28,7 +29,7 @@ QUICK = ["train.max_steps=1", "train.batch_size=1", "train.save_steps=1", "train
          "merge.max_shard_size=200MB"]
 
 
-def test_merge_runs_in_less_memory_than_the_model_takes_in_float32(tiny_model_dir, tmp_path):
+def test_base_and_merge_run_in_less_memory_than_the_model_takes(tiny_model_dir, tmp_path):
     config = AutoConfig.from_pretrained(tiny_model_dir)
     config.update(BIG)
     torch.manual_seed(0)
@@ -42,6 +43,12 @@ def test_merge_runs_in_less_memory_than_the_model_takes_in_float32(tiny_model_di
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "MALLOC_ARENA_MAX": "1"}
     args = [sys.executable, "-m", "pipeline", f"model.name_or_path={tmp_path / 'model'}",
             f"output_dir={tmp_path / 'out'}", *QUICK]
+    based = subprocess.run(["prlimit", f"--as={CAP_BYTES}", *args, "stage=base"], capture_output=True, text=True,
+                           timeout=900, env=env)
+    assert based.returncode == 0, based.stderr[-3000:]
+    base = read_manifest(tmp_path / "out" / "default" / "base")
+    sixteen_bit = base["metrics"]["sixteen_bit_memory_bytes"]  # what the base stage loaded whole before it streamed
+    assert base["peak_memory"]["host_rss_bytes"] < 0.5 * sixteen_bit < CAP_BYTES, base["peak_memory"]
     trained = subprocess.run([*args, "stage=train"], capture_output=True, text=True, timeout=900, env=env)
     assert trained.returncode == 0, trained.stderr[-3000:]
     merged = subprocess.run(["prlimit", f"--as={CAP_BYTES}", *args, "stage=merge"], capture_output=True, text=True,
