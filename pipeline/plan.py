@@ -21,12 +21,16 @@ from .config import Config, ConfigError
 GIB = 2**30
 # The process with the stage's libraries imported, before any model: the tiny models' measured peaks (their
 # weights are a few MB). Imports stay, so in one process a stage starts from the highest floor before it.
-FLOOR = {"base": 0.6 * GIB, "train": 0.7 * GIB, "merge": 0.65 * GIB, "gptq": 0.75 * GIB, "eval": 0.75 * GIB,
+FLOOR = {"base": 0.6 * GIB, "train": 0.7 * GIB, "merge": 0.65 * GIB, "gptq": 0.75 * GIB, "gguf": 0.7 * GIB,
+         "eval": 0.75 * GIB,
          "bench": 0.95 * GIB, "serve": 0.65 * GIB}  # bench: torch.compile's workers
 VLLM_FLOOR = 2.2 * GIB  # vLLM's server and engine processes before weights and KV cache (their VmHWM, summed)
 NF4_BYTES = 0.52  # per 4-bit parameter: 4 bits, an fp8 absmax per 64 and its fp32 scales (double quant)
 ADAM_BYTES = 16  # per trained (LoRA) parameter: fp32 weight, gradient and two Adam moments
 ACTIVATION_BYTES = 20  # per token x hidden unit x layer kept for the backward pass without checkpointing (bf16)
+# llama.cpp's types, bytes per parameter (their block sizes; the K-quant mixes as llama-quantize writes them)
+GGUF_BYTES = {"f32": 4, "f16": 2, "bf16": 2, "q8_0": 1.0625, "q6_k": 0.82, "q5_k_m": 0.71, "q5_k_s": 0.69,
+              "q4_k_m": 0.61, "q4_k_s": 0.57, "q4_0": 0.5625, "q3_k_m": 0.49, "q2_k": 0.33}
 
 
 @dataclasses.dataclass
@@ -190,6 +194,11 @@ def stage_terms(stage: str, cfg: Config, s: Shape, on_gpu: bool, source_gguf: bo
                 "calibration activations": 2 * 4 * cfg.gptq.calib_samples * cfg.gptq.calib_seq_len * s.hidden,
                 "AWQ repack of the checkpoint": four_bit(s, gptq_bytes_per_param(cfg))
                 if checkpoint_format(cfg.gptq) == "awq" else 0}
+    if stage == "gguf":  # the tools run apart; here transformers' reference answers, then llama.cpp's server
+        largest = max(GGUF_BYTES[t] for t in cfg.gguf.types) * s.params
+        server = int(largest + cfg.gguf.context * max(cfg.gguf.concurrency) * s.kv_bytes_per_token)
+        reference = sixteen_bit(s, width) + sum(loading(sixteen_bit(s), on_gpu).values())
+        return {"merged in transformers, or a GGUF file and its KV cache in llama.cpp": max(reference, server)}
     if stage == "eval":  # one artifact at a time; the largest is 16-bit (base16, merged)
         lm_eval_batch = cfg.eval.lm_eval.batch_size if cfg.eval.lm_eval.tasks else 0
         return {**largest_artifact(cfg.eval.artifacts, s, width, on_gpu),
@@ -218,7 +227,8 @@ def stage_terms(stage: str, cfg: Config, s: Shape, on_gpu: bool, source_gguf: bo
 
 FIXES = {"base": "a machine with more memory", "train": "train.batch_size, data.max_seq_len, "
          "train.gradient_checkpointing=true, train.lora_r", "merge": "a machine with more memory",
-         "gptq": "gptq.calib_samples, gptq.calib_seq_len", "eval": "eval.artifacts without base16 and merged, "
+         "gptq": "gptq.calib_samples, gptq.calib_seq_len", "gguf": "gguf.types, gguf.context, gguf.concurrency",
+         "eval": "eval.artifacts without base16 and merged, "
          "eval.lm_eval.batch_size", "bench": "bench.artifacts without base16 and merged, "
          "bench.cpu.batch_sizes / bench.full.batch_sizes", "serve": "serve.cpu_kv_cache_gb, serve.enabled=false"}
 
@@ -248,14 +258,14 @@ def rows(cfg: Config, stages: list[str], s: Shape, budgets: dict, rates: timing.
     gguf = gguf_file(cfg.model.name_or_path) is not None
     planned, floor = [], 0.0
     for stage in stages:
-        if stage == "serve" and unservable(cfg):  # the runner says why when it comes to it
-            continue
+        if stage == "serve" and unservable(cfg) or stage == "gguf" and cfg.stage == "all" and not cfg.gguf.enabled:
+            continue  # the runner says why when it comes to it
         terms = stage_terms(stage, cfg, s, on_gpu, gguf, launch)
         if stage not in cached:  # a cached stage does not run in this process: it imports nothing here
             floor = max(floor, FLOOR[stage])
-        if not on_gpu or stage in ("merge", "gptq"):  # these two stream on the host whatever the device
+        if not on_gpu or stage in ("merge", "gptq", "gguf"):  # on the host whatever the device (llama.cpp's CPU build)
             terms = {"libraries": int(max(floor, FLOOR[stage])), **terms}
-        place, room = ("cpu", budgets["cpu"]) if stage in ("merge", "gptq") and on_gpu else (where, available)
+        place, room = ("cpu", budgets["cpu"]) if stage in ("merge", "gptq", "gguf") and on_gpu else (where, available)
         if stage == "train" and launch.processes > 1:
             place = f"{'FSDP' if launch.fsdp else 'DDP'} x{launch.processes}, each {where}"
         need = sum(terms.values())

@@ -59,6 +59,33 @@ def check_gptq_support(model: ModelConfig) -> None:
                           "lists what is), so the gptq stage cannot quantize it; stage=train and stage=merge work")
 
 
+def check_gguf_support(model: ModelConfig) -> None:
+    """llama.cpp's converter knows the architecture and the tokenizer: it writes the model's vocabulary (its
+    `--vocab-only` mode, seconds) before training, from the source's config and tokenizer."""
+    import tempfile
+
+    from .stages.gguf import convert, converter
+
+    if converter() is None:
+        return  # the stage says so when it comes to it
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(model.name_or_path)
+        if not folder.is_dir():  # a GGUF file or a hub id: its config and tokenizer, as the merged checkpoint has them
+            from .models import load_tokenizer
+
+            try:
+                source_config(model).save_pretrained(tmp)
+                load_tokenizer(model.name_or_path, model).save_pretrained(tmp)
+            except OSError:
+                return  # a hub id that cannot be reached from here: the base stage reports that
+            folder = Path(tmp)
+        try:
+            convert(folder, Path(tmp) / "vocab.gguf", "f16", Path(tmp) / "convert.log", vocab_only=True)
+        except RuntimeError as why:
+            raise ConfigError(f"model.name_or_path={model.name_or_path!r}: {why}; so the gguf stage cannot convert "
+                              "it (gguf.enabled=false runs without it)") from None
+
+
 def check_data_file(key: str, source: str) -> None:
     """A local dataset file exists, is not empty and (JSONL) parses line by line."""
     path = Path(source)

@@ -241,6 +241,26 @@ def serving(served: dict, not_run: dict[str, str]) -> list[str]:
     return lines
 
 
+def gguf_files(exp: Path) -> list[str]:
+    """The gguf stage's files in llama.cpp's server (gguf.json), beside the merged model in transformers."""
+    made = _load(exp / "gguf" / "gguf.json")
+    if not made:
+        return []
+    tools = ", ".join(f"{name} {version}" for name, version in made["tools"].items())
+    levels = [level["concurrency"] for level in next(iter(made["types"].values()))["load"]]
+    lines = [f"GGUF files in llama.cpp's server ({tools}; `ollama create NAME -f Modelfile.<type>` in the gguf "
+             f"folder): task accuracy through the server on {made['task_examples']} held-out prompts, against "
+             f"{_cell(made['transformers_task_accuracy'], None, '.1%')} for the merged model in transformers, and how "
+             "often their answers agree.", "",
+             "| type | size MB | task accuracy | agrees with merged | "
+             + " | ".join(f"output tok/s at {c}" for c in levels) + " |", "|---|---|---|---|" + "---|" * len(levels)]
+    for name, r in made["types"].items():
+        lines.append(f"| {name} | {r['bytes'] / 1e6:.1f} | {_cell(r['task_accuracy'], None, '.1%')} | "
+                     f"{_cell(r['agreement_with_transformers'], None, '.1%')} | "
+                     + " | ".join(f"{level['output_tok_s']:.1f}" for level in r["load"]) + " |")
+    return lines
+
+
 def results(exp: Path) -> tuple[dict, dict, dict]:
     """The experiment's eval.json, bench.json and serve.json ({} for those it does not have)."""
     return (_load(exp / "eval" / "eval.json"), _load(exp / "bench" / "bench.json"),
@@ -283,12 +303,13 @@ def write(exp: Path, not_run: dict[str, str] | None = None) -> str | None:
     """Write report.md and the plots from whatever eval.json / bench.json / serve.json exist; returns the table.
     `not_run` gives the stages this run could not run, and why."""
     evaluation, bench, served = results(exp)
-    if not evaluation and not bench and not served:
+    if not evaluation and not bench and not served and not (exp / "gguf" / "gguf.json").is_file():
         return None
     table = markdown(rows(evaluation, bench, served))
     images = plots(exp, evaluation, bench)
     text = [f"# Report: {exp.name}", "", table, "", *skipped(evaluation, bench), "", *lm_eval_table(evaluation), "",
-            *notes(bench), *computed(evaluation, bench), "", *serving(served, not_run or {}), "", *kernels(exp), "",
+            *notes(bench), *computed(evaluation, bench), "", *serving(served, not_run or {}), "", *gguf_files(exp),
+            "", *kernels(exp), "",
             *[f"![{p.stem}]({p.name})" for p in images]]
     replace(exp / "report.md", "\n".join(text) + "\n")
     return table

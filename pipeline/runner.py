@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 PACKAGE = Path(__file__).parent
 
 UPSTREAM = {"base": [], "train": ["base"], "merge": ["base", "train"], "gptq": ["train", "merge"],
+            "gguf": ["train", "merge"],
             "eval": ["base", "train", "merge", "gptq"], "bench": ["base", "train", "merge", "gptq"],
             "serve": ["train", "gptq"]}
 # compute_dtype as resolved on this machine (compute.py): an adapter trained in float32 is not the one trained in
@@ -37,6 +38,7 @@ UPSTREAM = {"base": [], "train": ["base"], "merge": ["base", "train"], "gptq": [
 # for lack of room is measured once the user raises memory.max_memory, as the skip's message says to.
 CONFIG_KEYS = {"base": ["model", "base"], "train": ["data", "train", "seed", "compute_dtype"],
                "merge": ["merge", "compute_dtype"], "gptq": ["gptq", "seed", "compute_dtype"],
+               "gguf": ["gguf", "compute_dtype"],
                "eval": ["eval", "seed", "compute_dtype", "memory"],
                "bench": ["bench", "seed", "compute_dtype", "memory"],
                "serve": ["serve", "seed", "compute_dtype", "memory"]}
@@ -54,12 +56,13 @@ LIBRARIES = {"base": ["torch", "transformers", "bitsandbytes", "gguf"],
              "train": ["torch", "transformers", "peft", "bitsandbytes", "accelerate", "tokenizers"],
              "merge": ["torch", "transformers", "peft", "bitsandbytes"],
              "gptq": ["torch", "transformers", "gptqmodel"],
+             "gguf": ["transformers", "ik-llama-cpp-python", "xllamacpp"],  # the converter: gguf.json records it
              "eval": ["torch", "transformers", "bitsandbytes", "gptqmodel", "lm_eval"],
              "bench": ["torch", "transformers", "bitsandbytes", "gptqmodel"],
              "serve": ["transformers"]}  # vLLM runs from its own venv: serve.json records its version
 # What a stage resolves from the machine beyond compute_dtype: on a GPU or not (train's mixed precision, gptq.mse=null,
 # the merge's kernels), or the hardware itself (what eval and bench measure, and what their placement could hold).
-MACHINE = {"base": None, "train": "device", "merge": "device", "gptq": "device", "eval": "hardware",
+MACHINE = {"base": None, "train": "device", "merge": "device", "gptq": "device", "gguf": "hardware", "eval": "hardware",
            "bench": "hardware", "serve": "hardware"}
 
 
@@ -179,6 +182,8 @@ def check_before_building(cfg: Config, artifacts: dict[str, StageDir]) -> dict[s
         harness.check_tasks(cfg.eval.lm_eval)
     if "gptq" in to_build:
         preflight.check_gptq_support(cfg.model)  # before training a model that could not be quantized
+    if "gguf" in to_build and (cfg.stage == "gguf" or cfg.gguf.enabled):
+        preflight.check_gguf_support(cfg.model)  # nor one llama.cpp's converter refuses
     return memory_plan(cfg, stages, cached)
 
 
@@ -312,7 +317,7 @@ def run_stages(cfg: Config, exp: Path, artifacts: dict[str, StageDir],
             results[stage] = {"status": f"ran in {seconds:.1f} s", "path": view}
     for stage, result in results.items():
         log.info("  %-6s %-16s %s", stage, result["status"], result["path"])
-    if {"eval", "bench", "serve"} & set(results):
+    if {"gguf", "eval", "bench", "serve"} & set(results):
         table = report.write(exp, {stage: str(r["path"]) for stage, r in results.items() if r["status"] == "not run"})
         log.info("report: %s\n%s", exp / "report.md", table)
         if cfg.sweep_point:

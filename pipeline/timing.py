@@ -141,9 +141,12 @@ class Work:
 
 # Fixed seconds of each stage besides its modelled work (the libraries' set-up, saving, the trainer's checkpoints),
 # and per-parameter seconds of reading, converting and writing weights; fitted as the constants above.
-FIXED_S = {"base": 0.5, "train": 2.0, "merge": 0.5, "gptq": 0.5, "eval": 3.0, "bench": 2.0, "serve": 10.0}
+FIXED_S = {"base": 0.5, "train": 2.0, "merge": 0.5, "gptq": 0.5, "gguf": 5.0, "eval": 3.0, "bench": 2.0,
+           "serve": 10.0}
 # ("load": an artifact loaded for eval or bench, and what eval reads of its weights for the histogram)
-WEIGHTS_S_PER_PARAM = {"base": 0.05e-6, "gguf": 0.15e-6, "merge": 0.02e-6, "gptq": 0.03e-6, "load": 0.04e-6}
+WEIGHTS_S_PER_PARAM = {"base": 0.05e-6, "gguf": 0.15e-6, "merge": 0.02e-6, "gptq": 0.03e-6, "load": 0.04e-6,
+                       "convert": 0.05e-6, "quantize": 0.02e-6}  # llama.cpp's converter, and llama-quantize per type
+LLAMACPP_STEP_FACTOR = 0.5  # llama.cpp's decoding against transformers' eager one on the same work (fitted below)
 GPTQ_MODULE_S = {"cpu": 0.1, "cuda": 0.03}  # GPTQModel's per-module work besides FLOPs (its solver loop, packing)
 RTN_MODULE_S = {"cpu": 0.05, "cuda": 0.01}
 GPTQ_LAYER_PASSES = 4  # forward passes of each layer over the calibration windows, per module group and after
@@ -225,6 +228,18 @@ def stage_terms(stage: str, cfg: Config, s, rates: Rates, typical: Chats, source
                 for new in matrix.new_tokens:
                     steps = (b.repeats + b.warmup) * new
                     work.forward("decoding steps", steps, steps)
+    elif stage == "gguf":
+        g = cfg.gguf
+        prompts = min(g.task_examples, heldout_rows(cfg))
+        work.add("converted and quantized", s.params * (WEIGHTS_S_PER_PARAM["convert"] + len(g.types)
+                                                        * WEIGHTS_S_PER_PARAM["quantize"]))
+        work.generate("transformers' answers", prompts, typical.prompt, g.max_new_tokens, 16)
+        waves = [(math.ceil(prompts / max(g.concurrency)), g.max_new_tokens)] + [
+            (math.ceil(max(g.requests, c) / c), g.load_max_tokens) for c in g.concurrency]
+        tokens = prompts * g.max_new_tokens + sum(max(g.requests, c) * g.load_max_tokens for c in g.concurrency)
+        for _ in g.types:
+            work.forward("llama.cpp's answers and load", tokens, sum(n * length for n, length in waves),
+                         scale=LLAMACPP_STEP_FACTOR)
     elif stage == "serve":
         sv = cfg.serve
         prompts = min(sv.task_examples, heldout_rows(cfg))

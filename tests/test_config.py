@@ -119,14 +119,17 @@ def test_fingerprints_change_only_downstream():
     before, after = fingerprints(compose_config()), fingerprints(compose_config("gptq.bits=3"))
     assert [s for s in before if before[s] != after[s]] == ["gptq", "eval", "bench", "serve"]
     after = fingerprints(compose_config("train.lr=2e-4"))
-    assert [s for s in before if before[s] != after[s]] == ["train", "merge", "gptq", "eval", "bench", "serve"]
+    assert [s for s in before if before[s] != after[s]] == ["train", "merge", "gptq", "gguf", "eval", "bench", "serve"]
     after = fingerprints(compose_config("serve.requests=4"))
     assert [s for s in before if before[s] != after[s]] == ["serve"]
+    after = fingerprints(compose_config("gguf.types=[q8_0]"))
+    assert [s for s in before if before[s] != after[s]] == ["gguf"]
 
 
 def test_plan_includes_upstream_stages():
     assert stages_for("merge") == ["base", "train", "merge"]
-    assert stages_for("all") == ["base", "train", "merge", "gptq", "eval", "bench", "serve"]
+    assert stages_for("all") == ["base", "train", "merge", "gptq", "gguf", "eval", "bench", "serve"]
+    assert stages_for("gguf") == ["base", "train", "merge", "gguf"]
     assert stages_for("serve") == ["base", "train", "merge", "gptq", "serve"]
 
 
