@@ -141,12 +141,14 @@ class Work:
 
 # Fixed seconds of each stage besides its modelled work (the libraries' set-up, saving, the trainer's checkpoints),
 # and per-parameter seconds of reading, converting and writing weights; fitted as the constants above.
-FIXED_S = {"base": 0.5, "train": 2.0, "merge": 0.5, "gptq": 0.5, "gguf": 5.0, "eval": 3.0, "bench": 2.0,
+FIXED_S = {"base": 0.5, "train": 2.0, "merge": 0.5, "gptq": 0.5, "gguf": 2.0, "eval": 3.0, "bench": 2.0,
            "serve": 10.0}
 # ("load": an artifact loaded for eval or bench, and what eval reads of its weights for the histogram)
 WEIGHTS_S_PER_PARAM = {"base": 0.05e-6, "gguf": 0.15e-6, "merge": 0.02e-6, "gptq": 0.03e-6, "load": 0.04e-6,
-                       "convert": 0.05e-6, "quantize": 0.02e-6}  # llama.cpp's converter, and llama-quantize per type
-LLAMACPP_STEP_FACTOR = 0.5  # llama.cpp's decoding against transformers' eager one on the same work (fitted below)
+                       "convert": 0.03e-6, "quantize": 0.004e-6}  # llama.cpp's converter, and llama-quantize per type
+# llama.cpp's server against transformers' eager decoding on the same work (the default's gguf stage, AVX512-BF16:
+# 18 s of answers and load for Q8_0 and Q4_K_M where transformers' terms say 89)
+LLAMACPP_STEP_FACTOR = 0.2
 GPTQ_MODULE_S = {"cpu": 0.1, "cuda": 0.03}  # GPTQModel's per-module work besides FLOPs (its solver loop, packing)
 RTN_MODULE_S = {"cpu": 0.05, "cuda": 0.01}
 GPTQ_LAYER_PASSES = 4  # forward passes of each layer over the calibration windows, per module group and after
