@@ -251,13 +251,24 @@ def gguf_files(exp: Path) -> list[str]:
     lines = [f"GGUF files in llama.cpp's server ({tools}; `ollama create NAME -f Modelfile.<type>` in the gguf "
              f"folder): task accuracy through the server on {made['task_examples']} held-out prompts, against "
              f"{_cell(made['transformers_task_accuracy'], None, '.1%')} for the merged model in transformers, and how "
-             "often their answers agree.", "",
-             "| type | size MB | task accuracy | agrees with merged | "
-             + " | ".join(f"output tok/s at {c}" for c in levels) + " |", "|---|---|---|---|" + "---|" * len(levels)]
+             f"often their answers agree; perplexity on eval's {made['ppl_windows']} windows of each file's weights "
+             "as stored, computed by transformers (in parentheses: the ratio to merged), beside the gptq stage's "
+             "checkpoint.", "",
+             "| file | size MB | ppl | task accuracy | agrees with merged | "
+             + " | ".join(f"output tok/s at {c}" for c in levels) + " |", "|---|---|---|---|---|" + "---|" * len(levels)]
+    reference = made["merged_ppl"]
+    lines.append(f"| merged (transformers) | {made['merged_bytes'] / 1e6:.1f} | {reference:.3f} | "
+                 f"{_cell(made['transformers_task_accuracy'], None, '.1%')} | - |" + " - |" * len(levels))
     for name, r in made["types"].items():
-        lines.append(f"| {name} | {r['bytes'] / 1e6:.1f} | {_cell(r['task_accuracy'], None, '.1%')} | "
+        lines.append(f"| {name} | {r['bytes'] / 1e6:.1f} | {_cell(r['ppl'], reference, '.3f')} | "
+                     f"{_cell(r['task_accuracy'], None, '.1%')} | "
                      f"{_cell(r['agreement_with_transformers'], None, '.1%')} | "
                      + " | ".join(f"{level['output_tok_s']:.1f}" for level in r["load"]) + " |")
+    gptq = _load(exp / "eval" / "eval.json").get("artifacts", {}).get("gptq")
+    if gptq and gptq.get("ppl") and gptq.get("disk_bytes"):
+        lines.append(f"| gptq (transformers, eval) | {gptq['disk_bytes'] / 1e6:.1f} | "
+                     f"{_cell(gptq['ppl'], reference, '.3f')} | {_cell(gptq.get('task_accuracy'), None, '.1%')} | - |"
+                     + " - |" * len(levels))
     return lines
 
 

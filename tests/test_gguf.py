@@ -83,6 +83,21 @@ def test_modelfile_template_writes_the_chat_templates_prompt(tiny_model_dir, whi
     assert ("You are a helpful AI assistant named SmolLM" in text) == (which == "smollm2")
 
 
+def q8_0_as_gguf_py_writes_it(sixteen_bit: Path, q8_0: Path) -> int:
+    """llama-quantize here is ik_llama.cpp's (a fork): its Q8_0 blocks are byte for byte those of the `gguf` package's
+    reference quantizer (itself byte-identical to mainline llama.cpp's), for every tensor it quantized. Returns how
+    many it compared."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize, quantize
+
+    quantized = {t.name: t for t in GGUFReader(q8_0).tensors if t.tensor_type == GGMLQuantizationType.Q8_0}
+    for tensor in GGUFReader(sixteen_bit).tensors:
+        if tensor.name in quantized:
+            reference = quantize(dequantize(tensor.data, tensor.tensor_type), GGMLQuantizationType.Q8_0)
+            assert reference.tobytes() == quantized[tensor.name].data.tobytes(), tensor.name
+    return len(quantized)
+
+
 @pytest.fixture(scope="module")
 def gguf_run(tiny_llama_smollm2, tmp_path_factory):
     """stage=gguf of the tiny Llama, from scratch: (output_dir, overrides without it)."""
@@ -102,6 +117,9 @@ def test_gguf_files_answer_in_llama_cpp_like_transformers(gguf_run):
     f16, q8 = result["types"]["f16"], result["types"]["q8_0"]
     assert f16["agreement_with_transformers"] >= 0.95, f16["answers"]
     assert q8["bytes"] < 0.75 * f16["bytes"]
+    # Perplexity of the weights as stored: f16 holds the bfloat16 merged weights exactly, Q8_0 nearly.
+    ratios = [r["ppl"] / result["merged_ppl"] for r in (f16, q8)]
+    assert abs(ratios[0] - 1) < 1e-3 and abs(ratios[1] - 1) < 0.01, (result["merged_ppl"], ratios)
     for r in (f16, q8):
         assert [level["concurrency"] for level in r["load"]] == [1, 2] and all(
             level["output_tok_s"] > 0 for level in r["load"]), r["load"]
@@ -111,6 +129,7 @@ def test_gguf_files_answer_in_llama_cpp_like_transformers(gguf_run):
     assert fields["general.file_type"].contents() == 7  # llama.cpp's MOSTLY_Q8_0
     for name in ("f16", "q8_0"):
         assert (made / f"Modelfile.{name}").read_text() == modelfile(f"model-{name}.gguf", tokenizer)
+    assert q8_0_as_gguf_py_writes_it(made / "model-f16.gguf", made / "model-q8_0.gguf") > 10
     manifest = read_manifest(made)
     assert manifest["metrics"]["q8_0"]["bytes"] == q8["bytes"]
     assert "GGUF files in llama.cpp's server" in (out / "default" / "report.md").read_text()

@@ -27,7 +27,7 @@ def test_full_chain_writes_every_artifact(finished):
     out, _, results = finished
     exp = out / "default"
     # the tiny settings turn serving off (tests/test_serve.py serves)
-    assert statuses(results) == {**{stage: "ran" for stage in STAGES}, "serve": "not run"}
+    assert statuses(results) == {**{stage: "ran" for stage in STAGES}, "gguf": "not run", "serve": "not run"}
     manifests = {stage: read_manifest(exp / stage) for stage in STAGES}
     for stage, manifest in manifests.items():
         assert manifest["stage"] == stage and manifest["seconds"] > 0
@@ -69,7 +69,7 @@ def assert_predicted_within(manifest: dict, factor: float) -> None:
 def test_second_run_skips_every_stage(copy_of):
     exp, rerun = copy_of
     before = {stage: (exp / stage / "manifest.json").stat().st_mtime_ns for stage in STAGES}
-    assert statuses(rerun()) == {**{stage: "cached" for stage in STAGES}, "serve": "not run"}
+    assert statuses(rerun()) == {**{stage: "cached" for stage in STAGES}, "gguf": "not run", "serve": "not run"}
     assert before == {stage: (exp / stage / "manifest.json").stat().st_mtime_ns for stage in STAGES}
 
 
@@ -77,7 +77,7 @@ def test_gptq_change_reruns_only_gptq(copy_of):
     exp, rerun = copy_of
     merge_fingerprint = read_manifest(exp / "merge")["fingerprint"]
     assert statuses(rerun("gptq.bits=8")) == {"base": "cached", "train": "cached", "merge": "cached", "gptq": "ran",
-                                              "eval": "ran", "bench": "ran", "serve": "not run"}
+                                              "gguf": "not run", "eval": "ran", "bench": "ran", "serve": "not run"}
     assert json.loads((exp / "gptq" / "config.json").read_text())["quantization_config"]["bits"] == 8
     assert read_manifest(exp / "merge")["fingerprint"] == merge_fingerprint
 
@@ -151,7 +151,7 @@ def test_every_key_at_its_smallest_value_runs_to_the_end(smallest):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     _, exp, results = smallest
-    assert statuses(results) == {**{stage: "ran" for stage in STAGES}, "serve": "not run"}
+    assert statuses(results) == {**{stage: "ran" for stage in STAGES}, "gguf": "not run", "serve": "not run"}
     manifest = read_manifest(exp / "train")
     train = manifest["metrics"]
     # One step, fewer than train.logging_steps: its loss is recorded all the same.
@@ -174,7 +174,7 @@ def test_nothing_held_out_runs_to_the_end(tiny_model_dir, tmp_path):
     rows, and eval, the report and the card have no task accuracy to show."""
     cfg = compose_config(f"output_dir={tmp_path}", f"model.name_or_path={tiny_model_dir}", *TINY, *SMALLEST,
                          "data.heldout_examples=0", "data.builtin_examples=1", "train.eval_steps=null")
-    assert statuses(run(cfg)) == {**{stage: "ran" for stage in STAGES}, "serve": "not run"}
+    assert statuses(run(cfg)) == {**{stage: "ran" for stage in STAGES}, "gguf": "not run", "serve": "not run"}
     exp = tmp_path / cfg.experiment
     train = read_manifest(exp / "train")["metrics"]
     assert train["heldout_rows"] == 0 and train["final_loss"] > 0 and train["final_heldout_loss"] is None
@@ -208,14 +208,14 @@ def changed(before: dict, after: dict) -> set[str]:
     return {stage for stage in before if before[stage] != after[stage]}
 
 
-DOWNSTREAM_OF_MERGE = {"merge", "gptq", "eval", "bench", "serve"}
+DOWNSTREAM_OF_MERGE = {"merge", "gptq", "gguf", "eval", "bench", "serve"}
 
 
 @pytest.mark.parametrize("module, line, stale", [
     ("stages/merge.py", "# a comment changes no result", set()),
     ("stages/merge.py", "CHANGED = 1", DOWNSTREAM_OF_MERGE),  # the merge's code: the merge and what follows
     ("models.py", "CHANGED = 1", {"base", "train"} | DOWNSTREAM_OF_MERGE),  # every stage loads models with it
-    ("quality.py", "CHANGED = 1", {"eval", "serve"}),  # perplexity and task scores
+    ("quality.py", "CHANGED = 1", {"gguf", "eval", "serve"}),  # perplexity and task scores
     ("report.py", "CHANGED = 1", set()),  # no stage computes with the report
 ])
 def test_a_code_change_makes_exactly_the_stages_that_run_it_stale(tiny_model_dir, tmp_path, monkeypatch, module,
@@ -232,7 +232,7 @@ def test_a_code_change_makes_exactly_the_stages_that_run_it_stale(tiny_model_dir
 def test_a_library_upgrade_makes_the_stages_that_compute_with_it_stale(tiny_model_dir, monkeypatch):
     cfg = compose_config(f"model.name_or_path={tiny_model_dir}")
     before = runner.fingerprints(cfg)
-    for library, stale in (("bitsandbytes", {"base", "train", "merge", "gptq", "eval", "bench", "serve"}),
+    for library, stale in (("bitsandbytes", {"base", "train", "merge", "gptq", "gguf", "eval", "bench", "serve"}),
                            ("lm_eval", {"eval"}), ("gptqmodel", {"gptq", "eval", "bench", "serve"})):
         versions = {**library_versions(), library: "99.0"}
         monkeypatch.setattr(runner, "library_versions", lambda: versions)
@@ -246,9 +246,9 @@ def test_what_a_stage_resolves_from_the_machine_is_in_its_fingerprint(tiny_model
     on_cpu = runner.fingerprints(cfg)
     monkeypatch.setattr(compute, "machine", lambda: Machine(True, True, False, "AVX2", "1x NVIDIA H100 (80 GiB)"))
     on_gpu = runner.fingerprints(cfg)
-    assert changed(on_cpu, on_gpu) == {"train", "merge", "gptq", "eval", "bench", "serve"}
+    assert changed(on_cpu, on_gpu) == {"train", "merge", "gptq", "gguf", "eval", "bench", "serve"}
     monkeypatch.setattr(compute, "machine", lambda: Machine(True, True, False, "AVX2", "2x NVIDIA H100 (80 GiB)"))
-    assert changed(on_gpu, runner.fingerprints(cfg)) == {"eval", "bench", "serve"}  # what they measure and place
+    assert changed(on_gpu, runner.fingerprints(cfg)) == {"gguf", "eval", "bench", "serve"}  # what they measure
 
 
 def test_a_run_keeps_other_inputs_partial_work_and_clean_removes_what_no_process_holds(copy_of):

@@ -10,7 +10,9 @@ stop tokens).
 Then each file is served by llama.cpp's HTTP server (embedded in the xllamacpp wheel, in this process, on
 127.0.0.1): the held-out questions through /v1/chat/completions (with the template in the file), greedy; task
 accuracy, agreement with transformers' greedy answers from the merged checkpoint, and latency/throughput at each
-`gguf.concurrency`, as the serve stage measures vLLM. Results: `gguf.json`.
+`gguf.concurrency`, as the serve stage measures vLLM; and its perplexity on eval's windows, its weights as stored
+dequantized by transformers' GGUF reader (llama.cpp's server gives no prompt log-probabilities), beside the merged
+model's. Results: `gguf.json`.
 """
 from __future__ import annotations
 
@@ -25,9 +27,10 @@ from pathlib import Path
 from .. import compute
 from ..artifacts import dir_bytes
 from ..config import Config
-from ..data import read_jsonl, task_chats
-from ..models import load_causal_lm, load_tokenizer
-from ..quality import answer_scores, generate_answers
+from ..data import read_jsonl, task_chats, token_windows
+from ..models import device, load_causal_lm, load_tokenizer, weight_bytes
+from ..quality import answer_scores, generate_answers, perplexity
+from .eval import ppl_texts
 from .serve import chat, dying_with_this_process, free_port, load
 
 log = logging.getLogger(__name__)
@@ -172,12 +175,31 @@ def served(cfg: Config, path: Path, prompts: list[list[dict]]) -> tuple[list[str
     return answers, levels
 
 
-def merged_answers(cfg: Config, merged: Path, tokenizer, chats: list) -> list[str]:
-    """transformers' greedy answers from the merged checkpoint, the reference each file's answers are held to."""
+def merged_reference(cfg: Config, merged: Path, tokenizer, chats: list, windows: list) -> tuple[list[str], float]:
+    """transformers' greedy answers from the merged checkpoint, which each file's answers are held to, and its
+    perplexity on eval's windows."""
     model = load_causal_lm(merged, cfg.model, compute.dtype_name(cfg))
-    answers = generate_answers(model, tokenizer, chats, max_new_tokens=cfg.gguf.max_new_tokens)
+    answers = generate_answers(model, tokenizer, chats, max_new_tokens=cfg.gguf.max_new_tokens) if chats else []
+    ppl = perplexity(model, windows)
     del model
-    return answers
+    return answers, ppl
+
+
+def file_perplexity(cfg: Config, path: Path, windows: list) -> float | None:
+    """A file's perplexity on eval's windows: its weights as llama.cpp stores them, dequantized by transformers'
+    GGUF reader and computed in transformers (llama.cpp's server gives no prompt log-probabilities), or None for a
+    type transformers cannot read."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                     dtype=compute.dtype(cfg), device_map={"": device()})
+    except (ValueError, NotImplementedError, KeyError) as why:
+        log.warning("gguf: transformers cannot read %s (%s): no perplexity", path.name, str(why).splitlines()[0][:160])
+        return None
+    ppl = perplexity(model, windows)
+    del model
+    return ppl
 
 
 def run(cfg: Config, work: Path, inputs: dict[str, Path]) -> dict:
@@ -203,26 +225,30 @@ def run(cfg: Config, work: Path, inputs: dict[str, Path]) -> dict:
     if sixteen not in files:
         source.unlink()
 
-    expected = merged_answers(cfg, merged, tokenizer, chats) if chats else []
+    windows = token_windows(tokenizer, ppl_texts(cfg, tokenizer, inputs["train"]),
+                            cfg.eval.ppl_seq_len)[:cfg.eval.ppl_windows]
+    expected, merged_ppl = merged_reference(cfg, merged, tokenizer, chats, windows)
     truth = [chat[-1]["content"].strip() for chat in chats]
-    report = {"types": {}, "task_examples": len(chats), "tools": versions(),
+    report = {"types": {}, "task_examples": len(chats), "tools": versions(), "ppl_windows": len(windows),
+              "merged_ppl": merged_ppl, "merged_bytes": weight_bytes(merged),
               "transformers_task_accuracy": answer_scores(expected, truth)["accuracy"]}
     for t, path in files.items():
         answers, levels = served(cfg, path, prompts)
         answers = answers[:len(chats)]
         report["types"][t] = {
-            "file": path.name, "bytes": path.stat().st_size,
+            "file": path.name, "bytes": path.stat().st_size, "ppl": file_perplexity(cfg, path, windows),
             "task_accuracy": answer_scores(answers, truth)["accuracy"],
             "agreement_with_transformers": answer_scores(answers, expected)["accuracy"], "load": levels,
             "answers": [{"served": a, "transformers": b, "expected": e} for a, b, e in zip(answers, expected, truth)]}
         single = levels[0]
-        log.info("gguf: %s, %.1f MB: task accuracy %s, agrees with transformers on %s; %.1f output tok/s at "
-                 "concurrency %d", t, path.stat().st_size / 1e6, report["types"][t]["task_accuracy"],
+        log.info("gguf: %s, %.1f MB: perplexity %s (merged %.3f), task accuracy %s, agrees with transformers on %s; "
+                 "%.1f output tok/s at concurrency %d", t, path.stat().st_size / 1e6, report["types"][t]["ppl"],
+                 merged_ppl, report["types"][t]["task_accuracy"],
                  report["types"][t]["agreement_with_transformers"], single["output_tok_s"], single["concurrency"])
     (work / "gguf.json").write_text(json.dumps(report, indent=1))
-    return {"disk_bytes": dir_bytes(work), **{t: {k: r[k] for k in ("bytes", "task_accuracy",
-                                                                    "agreement_with_transformers")}
-                                               for t, r in report["types"].items()}}
+    return {"disk_bytes": dir_bytes(work), "merged_ppl": merged_ppl,
+            **{t: {k: r[k] for k in ("bytes", "ppl", "task_accuracy", "agreement_with_transformers")}
+               for t, r in report["types"].items()}}
 
 
 def versions() -> dict[str, str]:
