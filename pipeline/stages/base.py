@@ -139,7 +139,8 @@ def run(cfg: Config, work: Path, inputs: dict[str, Path]) -> dict:
         "source": "source" if gguf is not None else str(source),
         "nf4_memory_bytes": weight_bytes(work / "nf4"),
         "nf4_disk_bytes": dir_bytes(work / "nf4"),
-        "sixteen_bit_memory_bytes": 2 * sum(p.numel() for p in meta_model(folder, cfg.model.trust_remote_code).parameters()),
+        "sixteen_bit_memory_bytes": 2 * sum(p.numel() for p in
+                                            meta_model(folder, cfg.model.trust_remote_code).parameters()),
     }
     if Path(source).is_dir():
         metrics["sixteen_bit_disk_bytes"] = sum(p.stat().st_size for p in Path(source).glob("*.safetensors"))

@@ -121,7 +121,8 @@ def chat_template_go(tokenizer) -> tuple[str, str] | None:
         [{"role": "user", "content": "Hi"}],
         [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
          {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Name a color."}],
-        [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye"}]]
+        [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
+         {"role": "user", "content": "Bye"}]]
     if any(like_go(c) != render(c) for c in conversations):
         return None
     system = (f'{{{{- if or (not .Messages) (ne (index .Messages 0).Role "system") }}}}{default_system}{{{{ end }}}}'
