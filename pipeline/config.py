@@ -258,6 +258,9 @@ class GGUFConfig:
     requests: int = 8  # requests per load level (at least the concurrency)
     load_max_tokens: int = 32  # tokens generated per load request
     context: int = 1024  # tokens per request the server holds (its context is this times the largest concurrency)
+    # Each file's perplexity on eval's windows, read by transformers' GGUF reader, which dequantizes the whole file to
+    # float32 on the host (4 bytes a parameter): off for models whose float32 weights the host cannot hold.
+    perplexity: bool = True
 
 
 @dataclass

@@ -198,7 +198,10 @@ def stage_terms(stage: str, cfg: Config, s: Shape, on_gpu: bool, source_gguf: bo
         largest = max(GGUF_BYTES[t] for t in cfg.gguf.types) * s.params
         server = int(largest + cfg.gguf.context * max(cfg.gguf.concurrency) * s.kv_bytes_per_token)
         reference = sixteen_bit(s, width) + sum(loading(sixteen_bit(s), on_gpu).values())
-        return {"merged in transformers, or a GGUF file and its KV cache in llama.cpp": max(reference, server)}
+        # transformers' GGUF reader: the file mapped, dequantized whole to float32, copied into the model
+        read = int(largest + (4 + width) * s.params) if cfg.gguf.perplexity else 0
+        return {"merged in transformers, a GGUF file in llama.cpp (and its KV cache) or read by transformers":
+                max(reference, server, read)}
     if stage == "eval":  # one artifact at a time; the largest is 16-bit (base16, merged)
         lm_eval_batch = cfg.eval.lm_eval.batch_size if cfg.eval.lm_eval.tasks else 0
         return {**largest_artifact(cfg.eval.artifacts, s, width, on_gpu),
@@ -227,7 +230,7 @@ def stage_terms(stage: str, cfg: Config, s: Shape, on_gpu: bool, source_gguf: bo
 
 FIXES = {"base": "a machine with more memory", "train": "train.batch_size, data.max_seq_len, "
          "train.gradient_checkpointing=true, train.lora_r", "merge": "a machine with more memory",
-         "gptq": "gptq.calib_samples, gptq.calib_seq_len", "gguf": "gguf.types, gguf.context, gguf.concurrency",
+         "gptq": "gptq.calib_samples, gptq.calib_seq_len", "gguf": "gguf.perplexity=false, gguf.types, gguf.context",
          "eval": "eval.artifacts without base16 and merged, "
          "eval.lm_eval.batch_size", "bench": "bench.artifacts without base16 and merged, "
          "bench.cpu.batch_sizes / bench.full.batch_sizes", "serve": "serve.cpu_kv_cache_gb, serve.enabled=false"}

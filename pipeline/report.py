@@ -258,7 +258,7 @@ def gguf_files(exp: Path) -> list[str]:
              + " | ".join(f"output tok/s at {c}" for c in levels) + " |",
              "|---|---|---|---|---|" + "---|" * len(levels)]
     reference = made["merged_ppl"]
-    lines.append(f"| merged (transformers) | {made['merged_bytes'] / 1e6:.1f} | {reference:.3f} | "
+    lines.append(f"| merged (transformers) | {made['merged_bytes'] / 1e6:.1f} | {_cell(reference, None, '.3f')} | "
                  f"{_cell(made['transformers_task_accuracy'], None, '.1%')} | - |" + " - |" * len(levels))
     for name, r in made["types"].items():
         lines.append(f"| {name} | {r['bytes'] / 1e6:.1f} | {_cell(r['ppl'], reference, '.3f')} | "

@@ -145,7 +145,9 @@ FIXED_S = {"base": 0.5, "train": 2.0, "merge": 0.5, "gptq": 0.5, "gguf": 2.0, "e
            "serve": 10.0}
 # ("load": an artifact loaded for eval or bench, and what eval reads of its weights for the histogram)
 WEIGHTS_S_PER_PARAM = {"base": 0.05e-6, "gguf": 0.15e-6, "merge": 0.02e-6, "gptq": 0.03e-6, "load": 0.04e-6,
-                       "convert": 0.03e-6, "quantize": 0.004e-6}  # llama.cpp's converter, and llama-quantize per type
+                       # llama.cpp's converter, llama-quantize per type, and transformers dequantizing a file in numpy
+                       # (the default's gguf stage: 78.6 s with perplexity, 30.6 without)
+                       "convert": 0.03e-6, "quantize": 0.004e-6, "gguf_read": 0.1e-6}
 # llama.cpp's server against transformers' eager decoding on the same work (the default's gguf stage, AVX512-BF16:
 # 18 s of answers and load for Q8_0 and Q4_K_M where transformers' terms say 89)
 LLAMACPP_STEP_FACTOR = 0.2
@@ -239,9 +241,13 @@ def stage_terms(stage: str, cfg: Config, s, rates: Rates, typical: Chats, source
         waves = [(math.ceil(prompts / max(g.concurrency)), g.max_new_tokens)] + [
             (math.ceil(max(g.requests, c) / c), g.load_max_tokens) for c in g.concurrency]
         tokens = prompts * g.max_new_tokens + sum(max(g.requests, c) * g.load_max_tokens for c in g.concurrency)
+        e = cfg.eval
+        work.forward("perplexity windows", e.ppl_windows * e.ppl_seq_len, e.ppl_windows)  # the merged model's
         for _ in g.types:
             work.forward("llama.cpp's answers and load", tokens, sum(n * length for n, length in waves),
                          scale=LLAMACPP_STEP_FACTOR)
+            work.add("files read by transformers' GGUF reader", s.params * WEIGHTS_S_PER_PARAM["gguf_read"])
+            work.forward("perplexity windows", e.ppl_windows * e.ppl_seq_len, e.ppl_windows)
     elif stage == "serve":
         sv = cfg.serve
         prompts = min(sv.task_examples, heldout_rows(cfg))

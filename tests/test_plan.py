@@ -135,3 +135,12 @@ def test_the_plan_reads_how_train_was_launched(monkeypatch):
     assert Launch.this() == Launch(processes=2)
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     assert Launch.this() == Launch(processes=2, fsdp=True)
+
+
+def test_gguf_perplexity_is_what_makes_the_gguf_stage_grow_with_the_model(tmp_path):
+    """transformers' GGUF reader dequantizes a whole file to float32 (some 280 GB for Llama-3-70B): the plan counts it,
+    and gguf.perplexity=false leaves it out."""
+    model = f"model.name_or_path={llama3('70B', tmp_path / 'llama3-70b')}"
+    peaks = [sum(plan.stage_terms("gguf", compose_config(model, *more), shape(compose_config(model)), True,
+                                  False).values()) for more in ([], ["gguf.perplexity=false"])]
+    assert peaks[0] > 280e9 > peaks[1], [p / GIB for p in peaks]

@@ -181,7 +181,7 @@ def merged_reference(cfg: Config, merged: Path, tokenizer, chats: list, windows:
     perplexity on eval's windows."""
     model = load_causal_lm(merged, cfg.model, compute.dtype_name(cfg))
     answers = generate_answers(model, tokenizer, chats, max_new_tokens=cfg.gguf.max_new_tokens) if chats else []
-    ppl = perplexity(model, windows)
+    ppl = perplexity(model, windows) if windows else None
     del model
     return answers, ppl
 
@@ -227,7 +227,7 @@ def run(cfg: Config, work: Path, inputs: dict[str, Path]) -> dict:
         source.unlink()
 
     windows = token_windows(tokenizer, ppl_texts(cfg, tokenizer, inputs["train"]),
-                            cfg.eval.ppl_seq_len)[:cfg.eval.ppl_windows]
+                            cfg.eval.ppl_seq_len)[:cfg.eval.ppl_windows] if g.perplexity else []
     expected, merged_ppl = merged_reference(cfg, merged, tokenizer, chats, windows)
     truth = [chat[-1]["content"].strip() for chat in chats]
     report = {"types": {}, "task_examples": len(chats), "tools": versions(), "ppl_windows": len(windows),
@@ -237,12 +237,13 @@ def run(cfg: Config, work: Path, inputs: dict[str, Path]) -> dict:
         answers, levels = served(cfg, path, prompts)
         answers = answers[:len(chats)]
         report["types"][t] = {
-            "file": path.name, "bytes": path.stat().st_size, "ppl": file_perplexity(cfg, path, windows),
+            "file": path.name, "bytes": path.stat().st_size,
+            "ppl": file_perplexity(cfg, path, windows) if windows else None,
             "task_accuracy": answer_scores(answers, truth)["accuracy"],
             "agreement_with_transformers": answer_scores(answers, expected)["accuracy"], "load": levels,
             "answers": [{"served": a, "transformers": b, "expected": e} for a, b, e in zip(answers, expected, truth)]}
         single = levels[0]
-        log.info("gguf: %s, %.1f MB: perplexity %s (merged %.3f), task accuracy %s, agrees with transformers on %s; "
+        log.info("gguf: %s, %.1f MB: perplexity %s (merged %s), task accuracy %s, agrees with transformers on %s; "
                  "%.1f output tok/s at concurrency %d", t, path.stat().st_size / 1e6, report["types"][t]["ppl"],
                  merged_ppl, report["types"][t]["task_accuracy"],
                  report["types"][t]["agreement_with_transformers"], single["output_tok_s"], single["concurrency"])
