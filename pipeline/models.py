@@ -311,12 +311,13 @@ def meta_model(path: str | Path, trust_remote_code: bool):
     return meta_model_of(AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code), trust_remote_code)
 
 
-def meta_model_of(config, trust_remote_code: bool):
-    """A config's model on the meta device."""
+def meta_model_of(config, trust_remote_code: bool, dtype: torch.dtype | None = None):
+    """A config's model on the meta device (its parameters in `dtype`, else the default)."""
     from transformers import AutoModelForCausalLM
 
+    extra = {"dtype": dtype} if dtype is not None else {}
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, **extra)
 
 
 def local_dir(path: Path | str, model: ModelConfig) -> Path:

@@ -75,10 +75,7 @@ def nf4_model(source: Path, cfg: Config):
     config = AutoConfig.from_pretrained(str(source), trust_remote_code=cfg.model.trust_remote_code)
     config.dtype = dtype
     quantizer = AutoHfQuantizer.from_config(bnb_config(cfg.base, cfg.model.dtype), pre_quantized=False)
-    with torch.device("meta"):
-        from transformers import AutoModelForCausalLM
-
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code)
+    model = meta_model_of(config, cfg.model.trust_remote_code, dtype)
     quantizer.preprocess_model(model=model, dtype=dtype, device_map={"": device()})
     model.config.quantization_config = quantizer.quantization_config
     model.config.architectures = [type(model).__name__]  # as save_pretrained records it
