@@ -245,7 +245,8 @@ class BenchConfig:
 
 
 # llama.cpp's types: the converter writes the float ones, llama-quantize the rest (K-quants: _M and _S mixes)
-GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q5_k_s", "q4_k_m", "q4_k_s", "q4_0", "q3_k_m", "q2_k")
+GGUF_FLOAT_TYPES = ("f32", "f16", "bf16")  # written by llama.cpp's converter; the rest by llama-quantize
+GGUF_TYPES = (*GGUF_FLOAT_TYPES, "q8_0", "q6_k", "q5_k_m", "q5_k_s", "q4_k_m", "q4_k_s", "q4_0", "q3_k_m", "q2_k")
 
 
 @dataclass
@@ -261,6 +262,16 @@ class GGUFConfig:
     # Each file's perplexity on eval's windows, read by transformers' GGUF reader, which dequantizes the whole file to
     # float32 on the host (4 bytes a parameter): off for models whose float32 weights the host cannot hold.
     perplexity: bool = True
+    # llama.cpp's importance matrix, from calibration windows as the gptq stage takes them (gptq.calib_*), weighs each
+    # weight's rounding error in llama-quantize (all types but q8_0 and the float ones use it); 0 windows: none.
+    imatrix_samples: int = 64
+    imatrix_seq_len: int = 128
+    imatrix_source: str = "mixed"  # pydoc | train | mixed
+
+
+def imatrix_used(g: GGUFConfig) -> bool:
+    """Whether the gguf stage computes an importance matrix: windows asked for, and a type llama-quantize writes."""
+    return g.imatrix_samples > 0 and any(t not in GGUF_FLOAT_TYPES for t in g.types)
 
 
 @dataclass
@@ -559,6 +570,10 @@ def validate(cfg: Any) -> None:
     for key in ("max_new_tokens", "requests", "load_max_tokens"):
         _check(getattr(gg, key) > 0, f"gguf.{key}", "a positive integer", getattr(gg, key))
     _check(gg.task_examples >= 0, "gguf.task_examples", "0 or more", gg.task_examples)
+    _check(gg.imatrix_samples >= 0, "gguf.imatrix_samples", "0 or more", gg.imatrix_samples)
+    _check(gg.imatrix_seq_len > 0, "gguf.imatrix_seq_len", "a positive integer", gg.imatrix_seq_len)
+    _check(gg.imatrix_source in ("pydoc", "train", "mixed"), "gguf.imatrix_source", "pydoc, train or mixed",
+           gg.imatrix_source)
     _check(gg.context > max(gg.max_new_tokens, gg.load_max_tokens), "gguf.context",
            "more than gguf.max_new_tokens and gguf.load_max_tokens (a prompt and its answer must fit)", gg.context)
     sv = cfg.serve

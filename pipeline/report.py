@@ -41,7 +41,21 @@ def _batch1(bench: dict, compiled: bool = False) -> dict | None:
 SERVED = "gptq (vLLM)"
 
 
-def rows(evaluation: dict, bench: dict, served: dict | None = None) -> list[dict]:
+def _served_speed(levels: list[dict]) -> tuple[float | None, float | None]:
+    """A server's time to first token (ms, median) and streamed output tok/s of one request at a time."""
+    single = next((level for level in levels if level["concurrency"] == 1), None)
+    if not single:
+        return None, None
+    return (single["ttft_s"]["p50"] * 1e3 if single["ttft_s"] else None), single["output_tok_s"]
+
+
+def gguf_name(gguf_type: str) -> str:
+    return f"gguf {gguf_type} (llama.cpp)"
+
+
+def rows(evaluation: dict, bench: dict, served: dict | None = None, made: dict | None = None) -> list[dict]:
+    """The table's rows: each artifact eval and bench measured, then the vLLM-served checkpoint (serve.json), then
+    each GGUF file in llama.cpp's server (`made`: gguf.json)."""
     names = list(dict.fromkeys([*evaluation.get("artifacts", {}), *bench.get("artifacts", {})]))
     table = []
     for name in names:
@@ -58,13 +72,17 @@ def rows(evaluation: dict, bench: dict, served: dict | None = None) -> list[dict
             "roofline": b.get("roofline_fraction"),
             "peak": single["peak_memory_bytes"] if single else None, "placement": _placement(e, b)})
     if served:  # the deployed checkpoint: speed at concurrency 1 (time to first token, streamed output tok/s)
-        single = next((level for level in served["load"] if level["concurrency"] == 1), None)
         gptq = next((r for r in table if r["artifact"] == "gptq"), {})
+        prefill, decode = _served_speed(served["load"])
         table.append({"artifact": SERVED, "size": gptq.get("size"), "params": None, "ppl": None,
                       "task": served["task_accuracy"], "similarity": served.get("task_similarity"),
-                      "prefill": single["ttft_s"]["p50"] * 1e3 if single and single["ttft_s"] else None,
-                      "decode": single["output_tok_s"] if single else None, "compiled": None, "roofline": None,
+                      "prefill": prefill, "decode": decode, "compiled": None, "roofline": None,
                       "peak": None, "placement": None})
+    for gguf_type, r in (made or {}).get("types", {}).items():
+        prefill, decode = _served_speed(r["load"])
+        table.append({"artifact": gguf_name(gguf_type), "size": r["bytes"], "params": None, "ppl": r["ppl"],
+                      "task": r["task_accuracy"], "similarity": None, "prefill": prefill, "decode": decode,
+                      "compiled": None, "roofline": None, "peak": None, "placement": "llama.cpp server"})
     return table
 
 
@@ -112,12 +130,12 @@ def markdown(table: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plots(exp: Path, evaluation: dict, bench: dict) -> list[Path]:
+def plots(exp: Path, evaluation: dict, bench: dict, made: dict | None = None) -> list[Path]:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    written = []
+    written, made = [], made or {}
 
     def save(fig, name):
         fig.tight_layout()
@@ -151,12 +169,24 @@ def plots(exp: Path, evaluation: dict, bench: dict) -> list[Path]:
         ax.legend()
         save(fig, "decode_speed.png")
 
-    measured = {n: r["ppl"] for n, r in evaluation.get("artifacts", {}).items() if r.get("ppl")}
-    if measured:
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        ax.bar(list(measured), list(measured.values()), color="tab:orange")
-        ax.set(ylabel="perplexity (lower is better)", title=f"Held-out perplexity ({evaluation['ppl_source']})")
+    # eval's artifacts and the GGUF files, each file's perplexity taken on eval's windows
+    sized = {n: (r.get("disk_bytes"), r["ppl"]) for n, r in evaluation.get("artifacts", {}).items() if r.get("ppl")}
+    sized |= {gguf_name(t): (r["bytes"], r["ppl"]) for t, r in made.get("types", {}).items() if r.get("ppl")}
+    if sized:
+        fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(sized)), 3.5))
+        ax.bar([n.replace(" (", "\n(") for n in sized], [ppl for _, ppl in sized.values()], color="tab:orange")
+        source = evaluation.get("ppl_source")
+        ax.set(ylabel="perplexity (lower is better)", title="Held-out perplexity" + (f" ({source})" if source else ""))
         save(fig, "perplexity.png")
+    on_disk = {n: point for n, point in sized.items() if point[0]}
+    if len(on_disk) > 1:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for name, (size, ppl) in on_disk.items():
+            ax.scatter(size / 1e6, ppl, marker="s" if name.startswith("gguf") else "o")
+            ax.annotate(name, (size / 1e6, ppl), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.margins(x=0.3)  # room for the names
+        ax.set(xlabel="size on disk (MB)", ylabel="perplexity (lower is better)", title="Quality against size")
+        save(fig, "quality_vs_size.png")
 
     histogram = evaluation.get("weight_histogram")
     if histogram:
@@ -214,11 +244,14 @@ def replace(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def serving(served: dict, not_run: dict[str, str]) -> list[str]:
-    """The deployment check: answers through vLLM against transformers', and the server under load."""
+def serving(served: dict, not_run: dict[str, str], made: dict | None = None) -> list[str]:
+    """The deployment check: answers through vLLM against transformers', and the server under load; where vLLM did not
+    serve, the GGUF files that llama.cpp's server did (`made`: gguf.json)."""
     if not served:
-        return [f"Served (vLLM): not served ({not_run['serve']})." if "serve" in not_run else
-                "Served (vLLM): not served (stage=serve did not run)."]
+        why = not_run.get("serve", "stage=serve did not run")
+        instead = (f" Served by llama.cpp instead: the {', '.join(gguf_name(t) for t in made['types'])} rows above"
+                   " and the GGUF section below." if made and made.get("types") else "")
+        return [f"Served (vLLM): not served ({why}).{instead}"]
     def share(key: str) -> str:
         return _cell(served[key], None, ".1%", ratio=False)
     layout = served["server"].get("layout")  # serve.json from before it was recorded has none
@@ -241,9 +274,16 @@ def serving(served: dict, not_run: dict[str, str]) -> list[str]:
     return lines
 
 
-def gguf_files(exp: Path) -> list[str]:
-    """The gguf stage's files in llama.cpp's server (gguf.json), beside the merged model in transformers."""
-    made = _load(exp / "gguf" / "gguf.json")
+def quantized_with(imatrix: dict | None) -> str:
+    if not imatrix:
+        return "Quantized without an importance matrix."
+    return (f"Quantized with an importance matrix ({imatrix['file']}: {imatrix['entries']} weights, "
+            f"{imatrix['windows']} windows of {imatrix['seq_len']} tokens of {imatrix['source']} text; q8_0 does not "
+            "use it).")
+
+
+def gguf_files(exp: Path, made: dict) -> list[str]:
+    """The gguf stage's files in llama.cpp's server (`made`: gguf.json), beside the merged model in transformers."""
     if not made:
         return []
     tools = ", ".join(f"{name} {version}" for name, version in made["tools"].items())
@@ -253,7 +293,7 @@ def gguf_files(exp: Path) -> list[str]:
              f"{_cell(made['transformers_task_accuracy'], None, '.1%')} for the merged model in transformers, and how "
              f"often their answers agree; perplexity on eval's {made['ppl_windows']} windows of each file's weights "
              "as stored, computed by transformers (in parentheses: the ratio to merged), beside the gptq stage's "
-             "checkpoint.", "",
+             f"checkpoint. {quantized_with(made.get('imatrix'))}", "",
              "| file | size MB | ppl | task accuracy | agrees with merged | "
              + " | ".join(f"output tok/s at {c}" for c in levels) + " |",
              "|---|---|---|---|---|" + "---|" * len(levels)]
@@ -315,12 +355,14 @@ def write(exp: Path, not_run: dict[str, str] | None = None) -> str | None:
     """Write report.md and the plots from whatever eval.json / bench.json / serve.json exist; returns the table.
     `not_run` gives the stages this run could not run, and why."""
     evaluation, bench, served = results(exp)
-    if not evaluation and not bench and not served and not (exp / "gguf" / "gguf.json").is_file():
+    made = _load(exp / "gguf" / "gguf.json")
+    if not evaluation and not bench and not served and not made:
         return None
-    table = markdown(rows(evaluation, bench, served))
-    images = plots(exp, evaluation, bench)
+    table = markdown(rows(evaluation, bench, served, made))
+    images = plots(exp, evaluation, bench, made)
     text = [f"# Report: {exp.name}", "", table, "", *skipped(evaluation, bench), "", *lm_eval_table(evaluation), "",
-            *notes(bench), *computed(evaluation, bench), "", *serving(served, not_run or {}), "", *gguf_files(exp),
+            *notes(bench), *computed(evaluation, bench), "", *serving(served, not_run or {}, made), "",
+            *gguf_files(exp, made),
             "", *kernels(exp), "",
             *[f"![{p.stem}]({p.name})" for p in images]]
     replace(exp / "report.md", "\n".join(text) + "\n")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .config import Config
+from .config import Config, imatrix_used
 
 # Seconds per FLOP of a model's passes: a / (matmul rate in the compute dtype) + b / (matmul rate in float32). The
 # matmuls run in the compute dtype, below the benchmark's rate; the rest (attention, norms, activations, casts, and
@@ -243,6 +243,8 @@ def stage_terms(stage: str, cfg: Config, s, rates: Rates, typical: Chats, source
         tokens = prompts * g.max_new_tokens + sum(max(g.requests, c) * g.load_max_tokens for c in g.concurrency)
         e = cfg.eval
         work.forward("perplexity windows", e.ppl_windows * e.ppl_seq_len, e.ppl_windows)  # the merged model's
+        if imatrix_used(g):
+            work.forward("importance matrix windows", g.imatrix_samples * g.imatrix_seq_len, g.imatrix_samples)
         for _ in g.types:
             work.forward("llama.cpp's answers and load", tokens, sum(n * length for n, length in waves),
                          scale=LLAMACPP_STEP_FACTOR)

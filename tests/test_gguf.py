@@ -46,7 +46,8 @@ def tiny_llama_smollm2(tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("tiny-llama-smollm2")
     tokenizer = smollm2_tokenizer()
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    # 256 columns: the K-quants' block (smaller weights fall back to other types in llama-quantize)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=256, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
                          tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id)
@@ -129,13 +130,51 @@ def test_gguf_files_answer_in_llama_cpp_like_transformers(gguf_run):
     assert fields["general.file_type"].contents() == 7  # llama.cpp's MOSTLY_Q8_0
     for name in ("f16", "q8_0"):
         assert (made / f"Modelfile.{name}").read_text() == modelfile(f"model-{name}.gguf", tokenizer)
-    assert q8_0_as_gguf_py_writes_it(made / "model-f16.gguf", made / "model-q8_0.gguf") > 10
+    assert q8_0_as_gguf_py_writes_it(made / "model-f16.gguf", made / "model-q8_0.gguf") > 10  # imatrix or not
+    # The importance matrix: all 7 linear weights of each layer (the head is tied to the embedding), read by
+    # llama-quantize, which records it in the file.
+    assert result["imatrix"] == {"file": "imatrix.dat", "entries": 14, "windows": 8, "seq_len": 64, "source": "mixed"}
+    assert fields["quantize.imatrix.entries_count"].contents() == 14
     manifest = read_manifest(made)
     assert manifest["metrics"]["q8_0"]["bytes"] == q8["bytes"]
-    assert "GGUF files in llama.cpp's server" in (out / "default" / "report.md").read_text()
+    report = (out / "default" / "report.md").read_text()
+    assert "GGUF files in llama.cpp's server" in report and "| gguf q8_0 (llama.cpp) | " in report
+    # vLLM did not serve (stage=gguf): the report says why, and where the served rows came from instead
+    assert ("Served (vLLM): not served (stage=serve did not run). Served by llama.cpp instead: the gguf f16 "
+            "(llama.cpp), gguf q8_0 (llama.cpp) rows above") in report
+    assert (out / "default" / "quality_vs_size.png").is_file()
 
     # Cached: a second run changes nothing.
     assert run(compose_config(f"output_dir={out}", *overrides))["gguf"]["status"] == "cached"
+
+
+def test_llama_quantize_weighs_rounding_by_the_importance_matrix(gguf_run, tmp_path):
+    """Importance matrices that make every other input column of each weight a thousand times more important than its
+    neighbours (inside each block of 32 that shares a scale): llama-quantize, reading them as written, rounds the
+    important columns closer in Q4_K_M than without a matrix, or with the matrix that favours their neighbours. A
+    file it misread (names, column order or count) would change nothing, or be refused."""
+    from gguf.quants import dequantize
+
+    from pipeline.stages.gguf import quantize, write_imatrix
+
+    out, _ = gguf_run
+    f16 = out / "default" / "gguf" / "model-f16.gguf"
+    weights = {t.name: dequantize(t.data, t.tensor_type) for t in GGUFReader(f16).tensors
+               if t.name.startswith("blk.") and len(t.shape) == 2}  # numpy: (rows, input columns)
+    assert len(weights) == 14
+    errors = {}  # on the even columns
+    for label, pattern in (("even", [1e3, 1.0]), ("odd", [1.0, 1e3]), ("none", None)):
+        imatrix = None
+        if pattern:
+            imatrix = tmp_path / f"{label}.dat"
+            write_imatrix(imatrix, {name: torch.tensor(pattern * (w.shape[1] // 2)) for name, w in weights.items()},
+                          windows=1)
+        quantize(f16, tmp_path / f"{label}.gguf", "q4_k_m", tmp_path / "tools.log", imatrix)
+        stored = {t.name: dequantize(t.data, t.tensor_type) for t in GGUFReader(tmp_path / f"{label}.gguf").tensors
+                  if t.name in weights}
+        errors[label] = sum(float(((stored[n] - w)[:, ::2] ** 2).sum()) for n, w in weights.items())
+    assert errors["even"] < 0.85 * errors["none"] and errors["even"] < 0.7 * errors["odd"], errors
+    assert "loaded 14 importance matrix entries" in (tmp_path / "tools.log").read_text()
 
 
 def test_killed_conversion_leaves_the_cache_as_it_was(gguf_run, tmp_path):

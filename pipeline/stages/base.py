@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from .. import memory
 from ..artifacts import dir_bytes
-from ..checkpoints import Checkpoint, Shards, saved_names
+from ..checkpoints import Checkpoint, Shards, gguf_names, gguf_tensors, saved_names
 from ..config import Config, shard_bytes
 from ..models import (bnb_config, device, gguf_config, gguf_file, load_causal_lm, load_tokenizer, local_dir,
                       meta_model, meta_model_of, torch_dtype, weight_bytes)
@@ -29,36 +29,19 @@ log = logging.getLogger(__name__)
 
 
 def gguf_to_hf(gguf: Path, dtype: torch.dtype, out: Path, max_bytes: int) -> None:
-    """A GGUF file as a plain HF safetensors checkpoint: each tensor dequantized to float32 by the `gguf` package,
-    renamed and un-permuted by transformers' own GGUF processors (what from_pretrained(gguf_file=...) does with the
-    whole model at once), cast to `dtype` and written."""
-    import numpy as np
-    from gguf import GGUFReader, dequantize
+    """A GGUF file as a plain HF safetensors checkpoint, written tensor by tensor in `dtype`."""
     from transformers import AutoTokenizer, GenerationConfig
-    from transformers.modeling_gguf_pytorch_utils import (TENSOR_PROCESSORS, TensorProcessor,
-                                                          get_gguf_hf_weights_map, load_gguf_checkpoint, read_field)
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
     log.info("writing %s as an HF checkpoint, tensor by tensor", gguf.name)
     config = copy.deepcopy(gguf_config(gguf))  # cached for the process: not to be changed
     config.dtype = str(dtype).removeprefix("torch.")
-    reader = GGUFReader(gguf)
-    processor = TENSOR_PROCESSORS.get(read_field(reader, "general.architecture")[0], TensorProcessor)(
-        config=load_gguf_checkpoint(str(gguf), return_tensors=False)["config"])
     model = meta_model_of(config, False)
     config.architectures = [type(model).__name__]  # as save_pretrained records it
-    hf_names = get_gguf_hf_weights_map(model, processor)
-    shards, parsed = Shards(out, max_bytes), {"tensors": {}}  # MoE processors leave their tensors in `parsed`
-    with gguf.open("rb") as f:
-        for tensor in tqdm(reader.tensors, desc="base: GGUF to HF", unit="tensor"):
-            f.seek(tensor.data_offset)  # a plain read: the reader's memory map would keep the whole file resident
-            data = np.frombuffer(f.read(tensor.n_bytes), dtype=tensor.data.dtype).reshape(tensor.data.shape)
-            result = processor.process(weights=dequantize(data, tensor.tensor_type), name=tensor.name,
-                                       tensor_key_mapping=hf_names, parsed_parameters=parsed)
-            ready = parsed["tensors"]
-            if result.name in hf_names:
-                ready[hf_names[result.name]] = torch.from_numpy(np.copy(result.weights))
-            for name in list(ready):
-                shards.add(name, ready.pop(name).to(dtype))
+    shards = Shards(out, max_bytes)
+    names = gguf_names(gguf, model, load_gguf_checkpoint(str(gguf), return_tensors=False)["config"])
+    for name, tensor in gguf_tensors(gguf, names, desc="base: GGUF to HF"):
+        shards.add(name, tensor.to(dtype))
     shards.close()
     config.save_pretrained(out)
     GenerationConfig.from_model_config(config).save_pretrained(out)

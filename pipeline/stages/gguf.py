@@ -13,30 +13,40 @@ accuracy, agreement with transformers' greedy answers from the merged checkpoint
 `gguf.concurrency`, as the serve stage measures vLLM; and its perplexity on eval's windows, its weights as stored
 dequantized by transformers' GGUF reader (llama.cpp's server gives no prompt log-probabilities), beside the merged
 model's. Results: `gguf.json`.
+
+Before quantizing, llama.cpp's importance matrix (`imatrix.dat`, which llama-quantize weighs each weight's rounding
+error by) is computed from calibration windows like the gptq stage's: the mean square of each linear layer's input
+columns over the windows, what llama.cpp's `llama-imatrix` collects from its own forward pass (no wheel here ships
+that tool), in the file format llama-quantize reads. `gguf.imatrix_samples=0` quantizes without one.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+import struct
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import torch
+from tqdm.auto import tqdm
+
 from .. import compute
 from ..artifacts import dir_bytes
-from ..config import Config
-from ..data import read_jsonl, task_chats, token_windows
-from ..models import device, load_causal_lm, load_tokenizer, weight_bytes
+from ..config import GGUF_FLOAT_TYPES, Config, imatrix_used
+from ..data import calibration_windows, read_jsonl, task_chats, token_windows
+from ..checkpoints import gguf_names, gguf_tensors
+from ..models import device, load_causal_lm, load_tokenizer, meta_model_of, weight_bytes
 from ..quality import answer_scores, generate_answers, perplexity
 from .eval import ppl_texts
 from .serve import chat, dying_with_this_process, free_port, load
 
 log = logging.getLogger(__name__)
 
+IMATRIX_BATCH = 8
 TOOLS = Path(__file__).resolve().parents[2] / ".gguf-tools"
-FLOAT_TYPES = ("f32", "f16", "bf16")  # written by the converter itself; the rest by llama-quantize
 
 
 def converter() -> Path | None:
@@ -59,7 +69,7 @@ def missing(cfg: Config, inputs: dict[str, Path]) -> str | None:
         return "gguf.enabled=false (stage=gguf runs it)"
     if converter() is None:
         return f"llama.cpp's converter is not installed in {TOOLS} (make install)"
-    if quantizer() is None and set(cfg.gguf.types) - set(FLOAT_TYPES):
+    if quantizer() is None and set(cfg.gguf.types) - set(GGUF_FLOAT_TYPES):
         return "llama.cpp's llama-quantize is not installed (pip install ik-llama-cpp-python; make install)"
     try:
         import xllamacpp  # noqa: F401
@@ -68,12 +78,12 @@ def missing(cfg: Config, inputs: dict[str, Path]) -> str | None:
     return None
 
 
-def tool(command: list[str], log_path: Path, env: dict | None = None) -> None:
+def tool(command: list[str], log_path: Path, env: dict | None = None, cwd: Path | None = None) -> None:
     """Run one of llama.cpp's tools, its output appended to `log_path`, stopped if this process dies (a killed run's
     converter must not write on into the folder its rerun writes); a failure says its last line."""
     with log_path.open("a") as out:
         done = subprocess.run(dying_with_this_process(command), stdout=out, stderr=subprocess.STDOUT,
-                              env={**os.environ, **(env or {})})
+                              env={**os.environ, **(env or {})}, cwd=cwd)
     if done.returncode:
         last = (log_path.read_text().strip().splitlines() or ["no output"])[-1]
         name = Path(command[1] if command[0] == sys.executable else command[0]).name
@@ -86,10 +96,13 @@ def convert(checkpoint: Path, out: Path, outtype: str, log_path: Path, vocab_onl
           *(["--vocab-only"] if vocab_only else [])], log_path, {"PYTHONPATH": str(TOOLS)})
 
 
-def quantize(source: Path, out: Path, gguf_type: str, log_path: Path) -> None:
+def quantize(source: Path, out: Path, gguf_type: str, log_path: Path, imatrix: Path | None) -> None:
     binary = quantizer()
-    tool([str(binary), str(source), str(out), gguf_type.upper(), str(os.cpu_count() or 1)], log_path,
-         {"LD_LIBRARY_PATH": str(binary.parent.parent / "lib")})
+    # The importance matrix by its name, from its folder: llama-quantize records the path it was given in the file,
+    # and the folder is a temporary one.
+    tool([str(binary), *(["--imatrix", imatrix.name] if imatrix else []), str(source.resolve()), str(out.resolve()),
+          gguf_type.upper(), str(os.cpu_count() or 1)], log_path, {"LD_LIBRARY_PATH": str(binary.parent.parent / "lib")},
+         cwd=imatrix.parent if imatrix else None)
 
 
 def chat_template_go(tokenizer) -> tuple[str, str] | None:
@@ -149,8 +162,6 @@ def modelfile(gguf_name: str, tokenizer) -> str:
 
 
 def threads() -> int:
-    import torch
-
     return torch.get_num_threads()  # this process's share of the cores (OMP_NUM_THREADS where set)
 
 
@@ -176,30 +187,115 @@ def served(cfg: Config, path: Path, prompts: list[list[dict]]) -> tuple[list[str
     return answers, levels
 
 
-def merged_reference(cfg: Config, merged: Path, tokenizer, chats: list, windows: list) -> tuple[list[str], float]:
-    """transformers' greedy answers from the merged checkpoint, which each file's answers are held to, and its
-    perplexity on eval's windows."""
+def gguf_tensor_names(model, path: Path) -> dict[str, str]:
+    """Each linear module of `model` mapped to its weight's name in the GGUF file at `path`, for those the file has
+    (by the `gguf` package's name map for the file's architecture; a tied LM head has no weight of its own there)."""
+    import gguf
+
+    reader = gguf.GGUFReader(path)  # memory-mapped: only the header is read
+    field = reader.fields["general.architecture"]
+    arch = bytes(field.parts[field.data[0]]).decode()
+    known = [a for a, name in gguf.MODEL_ARCH_NAMES.items() if name == arch]
+    if not known:
+        return {}
+    tensor_map = gguf.get_tensor_name_map(known[0], model.config.num_hidden_layers)
+    in_file = {t.name for t in reader.tensors}
+    names = {}
+    for module_name, module in model.named_modules():
+        mapped = tensor_map.get_name(module_name) if isinstance(module, torch.nn.Linear) else None
+        if mapped and f"{mapped}.weight" in in_file:
+            names[module_name] = f"{mapped}.weight"
+    return names
+
+
+def importance_matrix(model, windows: list[list[int]], names: dict[str, str]) -> dict[str, torch.Tensor]:
+    """llama.cpp's importance matrix of the modules in `names` on `windows`: for each GGUF weight, the mean square of
+    each of its input columns over the windows' tokens, which is what llama-imatrix collects from llama.cpp's forward
+    pass."""
+    sums: dict[str, list] = {}
+
+    def collect(name: str):
+        def hook(module, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            total, count = sums.get(name, (0, 0))
+            sums[name] = [total + x.square().sum(0), count + x.shape[0]]
+        return hook
+    modules = dict(model.named_modules())
+    hooks = [modules[module].register_forward_pre_hook(collect(name)) for module, name in names.items()]
+    try:
+        # IMATRIX_BATCH windows of one length per forward (no padding): 1.3x faster than one at a time on CPU; the
+        # logits stay small (8 x 128 tokens x 128k vocabulary x 2 bytes: 0.26 GB)
+        with torch.inference_mode():
+            for start in tqdm(range(0, len(windows), IMATRIX_BATCH), desc="gguf: importance matrix", unit="batch"):
+                model(input_ids=torch.tensor(windows[start:start + IMATRIX_BATCH], device=model.device))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return {name: (total / count).cpu() for name, (total, count) in sums.items()}
+
+
+def write_imatrix(out: Path, values: dict[str, torch.Tensor], windows: int) -> None:
+    """An importance matrix in the format llama-quantize reads (`--imatrix`): the entry count, then per entry its
+    name, a call count (values are divided by it on reading: 1 here, the values being means already), the value count
+    and the values (float32); then the number of windows and what they were."""
+    dataset = b"pipeline calibration windows"
+    with out.open("wb") as f:
+        f.write(struct.pack("<i", len(values)))
+        for name, column_values in values.items():
+            data = column_values.numpy().astype("<f4")
+            f.write(struct.pack("<i", len(name)) + name.encode() + struct.pack("<ii", 1, data.size) + data.tobytes())
+        f.write(struct.pack("<ii", windows, len(dataset)) + dataset)
+
+
+def merged_reference(cfg: Config, merged: Path, sixteen: Path, tokenizer, chats: list, windows: list,
+                     calibration: list, imatrix: Path) -> tuple[list[str], float | None, int]:
+    """From the merged checkpoint in transformers: its greedy answers, which each file's answers are held to, its
+    perplexity on eval's windows, and the importance matrix at `imatrix` (from `calibration`; the names of the 16-bit
+    GGUF file `sixteen`). Returns the answers, the perplexity and the matrix's entry count. The model is not loaded
+    when none of them is asked for."""
+    if not chats and not windows and not calibration:
+        return [], None, 0
     model = load_causal_lm(merged, cfg.model, compute.dtype_name(cfg))
     answers = generate_answers(model, tokenizer, chats, max_new_tokens=cfg.gguf.max_new_tokens) if chats else []
     ppl = perplexity(model, windows) if windows else None
+    names = gguf_tensor_names(model, sixteen) if calibration else {}
+    if calibration and not names:
+        log.warning("gguf: the gguf package does not name this architecture's tensors: quantizing without an "
+                    "importance matrix")
+    if names:
+        write_imatrix(imatrix, importance_matrix(model, calibration, names), len(calibration))
     del model
-    return answers, ppl
+    return answers, ppl, len(names)
 
 
-def file_perplexity(cfg: Config, path: Path, windows: list) -> float | None:
-    """A file's perplexity on eval's windows: its weights as llama.cpp stores them, dequantized by transformers'
-    GGUF reader and computed in transformers (llama.cpp's server gives no prompt log-probabilities), or None for a
-    type transformers cannot read."""
-    from transformers import AutoModelForCausalLM
+def perplexities(cfg: Config, files: dict[str, Path], merged: Path, windows: list) -> dict[str, float | None]:
+    """Each file's perplexity on eval's windows: its weights as llama.cpp stores them, dequantized by the `gguf`
+    package and named as transformers' GGUF reader does (the map built once: the files hold one model), loaded into
+    the merged checkpoint's model class and computed in transformers (llama.cpp's server gives no prompt
+    log-probabilities). None for all when transformers cannot read the architecture from GGUF. Not
+    from_pretrained(gguf_file=...): it parses the file's vocabulary twice and rebuilds the name map for every
+    module, 25 s of the 28 it took per file on the default."""
+    from transformers import AutoConfig
 
+    if not windows:
+        return {t: None for t in files}
+    config = AutoConfig.from_pretrained(str(merged), trust_remote_code=cfg.model.trust_remote_code)
+    model_class = type(meta := meta_model_of(config, cfg.model.trust_remote_code))
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                     dtype=compute.dtype(cfg), device_map={"": device()})
+        names = gguf_names(next(iter(files.values())), meta, config.to_dict())
     except (ValueError, NotImplementedError, KeyError) as why:
-        log.warning("gguf: transformers cannot read %s (%s): no perplexity", path.name, str(why).splitlines()[0][:160])
-        return None
-    ppl = perplexity(model, windows)
-    del model
+        log.warning("gguf: transformers cannot read this architecture from GGUF (%s): no perplexity",
+                    str(why).splitlines()[0][:160])
+        return {t: None for t in files}
+    ppl = {}
+    for t, path in files.items():
+        weights = {name: tensor.to(compute.dtype(cfg))
+                   for name, tensor in gguf_tensors(path, names, desc=f"gguf: reading {path.name}")}
+        model = model_class.from_pretrained(None, config=config, state_dict=weights, dtype=compute.dtype(cfg),
+                                            device_map={"": device()})
+        del weights
+        ppl[t] = perplexity(model, windows)
+        del model
     return ppl
 
 
@@ -216,29 +312,36 @@ def run(cfg: Config, work: Path, inputs: dict[str, Path]) -> dict:
     source = files.get(sixteen, work / f"model-{sixteen}.gguf")
     log.info("gguf: converting %s to %s", merged, source.name)
     convert(merged, source, sixteen, tools_log)
+
+    windows = token_windows(tokenizer, ppl_texts(cfg, tokenizer, inputs["train"]),
+                            cfg.eval.ppl_seq_len)[:cfg.eval.ppl_windows] if g.perplexity else []
+    calibration = calibration_windows(tokenizer, g.imatrix_source, read_jsonl(inputs["train"] / "data" / "train.jsonl"),
+                                      g.imatrix_samples, g.imatrix_seq_len, cfg.seed) if imatrix_used(g) else []
+    imatrix = work / "imatrix.dat"
+    expected, merged_ppl, entries = merged_reference(cfg, merged, source, tokenizer, chats, windows, calibration,
+                                                     imatrix)
     for t, path in files.items():
-        if t in FLOAT_TYPES and t != sixteen:
+        if t in GGUF_FLOAT_TYPES and t != sixteen:
             convert(merged, path, t, tools_log)
-        elif t not in FLOAT_TYPES:
-            log.info("gguf: quantizing to %s", t.upper())
-            quantize(source, path, t, tools_log)
+        elif t not in GGUF_FLOAT_TYPES:
+            log.info("gguf: quantizing to %s%s", t.upper(), " with the importance matrix" if entries else "")
+            quantize(source, path, t, tools_log, imatrix if entries else None)
         (work / f"Modelfile.{t}").write_text(modelfile(path.name, tokenizer))
     if sixteen not in files:
         source.unlink()
 
-    windows = token_windows(tokenizer, ppl_texts(cfg, tokenizer, inputs["train"]),
-                            cfg.eval.ppl_seq_len)[:cfg.eval.ppl_windows] if g.perplexity else []
-    expected, merged_ppl = merged_reference(cfg, merged, tokenizer, chats, windows)
     truth = [chat[-1]["content"].strip() for chat in chats]
     report = {"types": {}, "task_examples": len(chats), "tools": versions(), "ppl_windows": len(windows),
               "merged_ppl": merged_ppl, "merged_bytes": weight_bytes(merged),
-              "transformers_task_accuracy": answer_scores(expected, truth)["accuracy"]}
+              "transformers_task_accuracy": answer_scores(expected, truth)["accuracy"],
+              "imatrix": {"file": imatrix.name, "entries": entries, "windows": len(calibration),
+                          "seq_len": g.imatrix_seq_len, "source": g.imatrix_source} if entries else None}
+    ppl = perplexities(cfg, files, merged, windows)
     for t, path in files.items():
         answers, levels = served(cfg, path, prompts)
         answers = answers[:len(chats)]
         report["types"][t] = {
-            "file": path.name, "bytes": path.stat().st_size,
-            "ppl": file_perplexity(cfg, path, windows) if windows else None,
+            "file": path.name, "bytes": path.stat().st_size, "ppl": ppl[t],
             "task_accuracy": answer_scores(answers, truth)["accuracy"],
             "agreement_with_transformers": answer_scores(answers, expected)["accuracy"], "load": levels,
             "answers": [{"served": a, "transformers": b, "expected": e} for a, b, e in zip(answers, expected, truth)]}
