@@ -259,8 +259,8 @@ class GGUFConfig:
     requests: int = 8  # requests per load level (at least the concurrency)
     load_max_tokens: int = 32  # tokens generated per load request
     context: int = 1024  # tokens per request the server holds (its context is this times the largest concurrency)
-    # Each file's perplexity on eval's windows, read by transformers' GGUF reader, which dequantizes the whole file to
-    # float32 on the host (4 bytes a parameter): off for models whose float32 weights the host cannot hold.
+    # Each file's perplexity on eval's windows, its weights dequantized into a model in transformers on the host (the
+    # whole model in the compute dtype): off for models the host cannot hold.
     perplexity: bool = True
     # llama.cpp's importance matrix, from calibration windows as the gptq stage takes them (gptq.calib_*), weighs each
     # weight's rounding error in llama-quantize (all types but q8_0 and the float ones use it); 0 windows: none.

@@ -145,8 +145,9 @@ FIXED_S = {"base": 0.5, "train": 2.0, "merge": 0.5, "gptq": 0.5, "gguf": 2.0, "e
            "serve": 10.0}
 # ("load": an artifact loaded for eval or bench, and what eval reads of its weights for the histogram)
 WEIGHTS_S_PER_PARAM = {"base": 0.05e-6, "gguf": 0.15e-6, "merge": 0.02e-6, "gptq": 0.03e-6, "load": 0.04e-6,
-                       # llama.cpp's converter, llama-quantize per type, and transformers dequantizing a file in numpy
-                       # (the default's gguf stage: 78.6 s with perplexity, 30.6 without)
+                       # llama.cpp's converter, llama-quantize per type, and a file's weights dequantized in numpy
+                       # and loaded for its perplexity (the default's gguf stage: 75 s with perplexity and the
+                       # importance matrix, where these terms say 67)
                        "convert": 0.03e-6, "quantize": 0.004e-6, "gguf_read": 0.1e-6}
 # llama.cpp's server against transformers' eager decoding on the same work (the default's gguf stage, AVX512-BF16:
 # 18 s of answers and load for Q8_0 and Q4_K_M where transformers' terms say 89)
@@ -248,7 +249,7 @@ def stage_terms(stage: str, cfg: Config, s, rates: Rates, typical: Chats, source
         for _ in g.types:
             work.forward("llama.cpp's answers and load", tokens, sum(n * length for n, length in waves),
                          scale=LLAMACPP_STEP_FACTOR)
-            work.add("files read by transformers' GGUF reader", s.params * WEIGHTS_S_PER_PARAM["gguf_read"])
+            work.add("files read for their perplexity", s.params * WEIGHTS_S_PER_PARAM["gguf_read"])
             work.forward("perplexity windows", e.ppl_windows * e.ppl_seq_len, e.ppl_windows)
     elif stage == "serve":
         sv = cfg.serve

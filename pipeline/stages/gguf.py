@@ -11,8 +11,8 @@ Then each file is served by llama.cpp's HTTP server (embedded in the xllamacpp w
 127.0.0.1): the held-out questions through /v1/chat/completions (with the template in the file), greedy; task
 accuracy, agreement with transformers' greedy answers from the merged checkpoint, and latency/throughput at each
 `gguf.concurrency`, as the serve stage measures vLLM; and its perplexity on eval's windows, its weights as stored
-dequantized by transformers' GGUF reader (llama.cpp's server gives no prompt log-probabilities), beside the merged
-model's. Results: `gguf.json`.
+dequantized into the merged model's class in transformers (llama.cpp's server gives no prompt log-probabilities),
+beside the merged model's. Results: `gguf.json`.
 
 Before quantizing, llama.cpp's importance matrix (`imatrix.dat`, which llama-quantize weighs each weight's rounding
 error by) is computed from calibration windows like the gptq stage's: the mean square of each linear layer's input
