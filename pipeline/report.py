@@ -181,9 +181,11 @@ def plots(exp: Path, evaluation: dict, bench: dict, made: dict | None = None) ->
     on_disk = {n: point for n, point in sized.items() if point[0]}
     if len(on_disk) > 1:
         fig, ax = plt.subplots(figsize=(6, 4))
-        for name, (size, ppl) in on_disk.items():
+        # names above and below their points in turn, by size: neighbours' names would overlap otherwise
+        for i, (name, (size, ppl)) in enumerate(sorted(on_disk.items(), key=lambda item: item[1][0])):
             ax.scatter(size / 1e6, ppl, marker="s" if name.startswith("gguf") else "o")
-            ax.annotate(name, (size / 1e6, ppl), textcoords="offset points", xytext=(4, 4), fontsize=8)
+            ax.annotate(name.removesuffix(" (llama.cpp)"), (size / 1e6, ppl), textcoords="offset points",
+                        xytext=(4, 5 if i % 2 == 0 else -12), fontsize=8)
         ax.margins(x=0.3)  # room for the names
         ax.set(xlabel="size on disk (MB)", ylabel="perplexity (lower is better)", title="Quality against size")
         save(fig, "quality_vs_size.png")
