@@ -81,16 +81,16 @@ def saved_names(model, checkpoint: Checkpoint) -> dict[str, str]:
     return {name: on_disk[plain] for name, plain in names.items() if plain in on_disk}
 
 
-def gguf_names(path: Path, model, processor_config: dict):
-    """transformers' GGUF tensor processor for the GGUF file at `path` (its architecture's), and the map from the
-    file's tensor names to `model`'s state-dict names. `processor_config` is the model's configuration as a dict (the
-    processors read head counts from it)."""
+def gguf_names(reader, model, processor_config: dict):
+    """transformers' GGUF tensor processor for the GGUF file `reader` reads (gguf.GGUFReader; its architecture's),
+    and the map from the file's tensor names to `model`'s state-dict names. `processor_config` is the model's
+    configuration as a dict (the processors read head counts from it)."""
     import gguf
     from transformers.modeling_gguf_pytorch_utils import (TENSOR_PROCESSORS, TensorProcessor,
                                                           get_gguf_hf_weights_map, read_field)
 
-    processor = TENSOR_PROCESSORS.get(read_field(gguf.GGUFReader(path), "general.architecture")[0],
-                                      TensorProcessor)(config=processor_config)
+    processor = TENSOR_PROCESSORS.get(read_field(reader, "general.architecture")[0], TensorProcessor)(
+        config=processor_config)
     # transformers builds the gguf package's name map anew for every module it walks (a pure function of the
     # architecture and layer count): 397 times, 7.4 s, on the default model. Built once here.
     uncached = gguf.get_tensor_name_map
@@ -101,18 +101,19 @@ def gguf_names(path: Path, model, processor_config: dict):
         gguf.get_tensor_name_map = uncached
 
 
-def gguf_tensors(path: Path, names: tuple, desc: str) -> Iterator[tuple[str, torch.Tensor]]:
-    """The tensors of the GGUF file at `path` under a model's state-dict names (`names`: gguf_names), in float32, one
-    at a time: each read with a plain read at its offset (the reader's memory map would keep the whole file
-    resident), dequantized by the `gguf` package, renamed and un-permuted by transformers' own GGUF processors (what
-    from_pretrained(gguf_file=...) does with the whole model at once)."""
+def gguf_tensors(path: Path, reader, names: tuple, desc: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """The tensors of the GGUF file at `path` (`reader`: its gguf.GGUFReader, which parses the whole header,
+    vocabulary included: seconds, so made once per file) under a model's state-dict names (`names`: gguf_names), in
+    float32, one at a time: each read with a plain read at its offset (the reader's memory map would keep the whole
+    file resident), dequantized by the `gguf` package, renamed and un-permuted by transformers' own GGUF processors
+    (what from_pretrained(gguf_file=...) does with the whole model at once)."""
     import numpy as np
-    from gguf import GGUFReader, dequantize
+    from gguf import dequantize
 
     processor, hf_names = names
     parsed = {"tensors": {}}  # MoE processors leave their tensors here
     with path.open("rb") as f:
-        for tensor in tqdm(GGUFReader(path).tensors, desc=desc, unit="tensor"):
+        for tensor in tqdm(reader.tensors, desc=desc, unit="tensor"):
             f.seek(tensor.data_offset)
             data = np.frombuffer(f.read(tensor.n_bytes), dtype=tensor.data.dtype).reshape(tensor.data.shape)
             result = processor.process(weights=dequantize(data, tensor.tensor_type), name=tensor.name,

@@ -200,8 +200,10 @@ def stage_terms(stage: str, cfg: Config, s: Shape, on_gpu: bool, source_gguf: bo
         g = cfg.gguf
         asks_merged = g.task_examples or g.perplexity or imatrix_used(g)
         reference = sixteen_bit(s, width) + sum(loading(sixteen_bit(s), on_gpu).values()) if asks_merged else 0
-        if imatrix_used(g):  # a batch of calibration windows' logits (gguf.IMATRIX_BATCH)
-            reference += logits(8 * g.imatrix_seq_len, s)
+        if imatrix_used(g):  # a batch of calibration windows' logits
+            from .stages.gguf import IMATRIX_BATCH
+
+            reference += logits(IMATRIX_BATCH * g.imatrix_seq_len, s)
         # a file's weights read tensor by tensor into the compute dtype, then a model loaded from them
         read = int(largest + (4 + width) * s.params) if cfg.gguf.perplexity else 0
         return {"merged in transformers, a GGUF file in llama.cpp (and its KV cache) or read by transformers":

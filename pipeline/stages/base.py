@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 def gguf_to_hf(gguf: Path, dtype: torch.dtype, out: Path, max_bytes: int) -> None:
     """A GGUF file as a plain HF safetensors checkpoint, written tensor by tensor in `dtype`."""
+    from gguf import GGUFReader
     from transformers import AutoTokenizer, GenerationConfig
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
@@ -38,9 +39,9 @@ def gguf_to_hf(gguf: Path, dtype: torch.dtype, out: Path, max_bytes: int) -> Non
     config.dtype = str(dtype).removeprefix("torch.")
     model = meta_model_of(config, False)
     config.architectures = [type(model).__name__]  # as save_pretrained records it
-    shards = Shards(out, max_bytes)
-    names = gguf_names(gguf, model, load_gguf_checkpoint(str(gguf), return_tensors=False)["config"])
-    for name, tensor in gguf_tensors(gguf, names, desc="base: GGUF to HF"):
+    shards, reader = Shards(out, max_bytes), GGUFReader(gguf)
+    names = gguf_names(reader, model, load_gguf_checkpoint(str(gguf), return_tensors=False)["config"])
+    for name, tensor in gguf_tensors(gguf, reader, names, desc="base: GGUF to HF"):
         shards.add(name, tensor.to(dtype))
     shards.close()
     config.save_pretrained(out)

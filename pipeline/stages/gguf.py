@@ -35,9 +35,9 @@ from tqdm.auto import tqdm
 
 from .. import compute
 from ..artifacts import dir_bytes
+from ..checkpoints import gguf_names, gguf_tensors
 from ..config import GGUF_FLOAT_TYPES, Config, imatrix_used
 from ..data import calibration_windows, read_jsonl, task_chats, token_windows
-from ..checkpoints import gguf_names, gguf_tensors
 from ..models import device, load_causal_lm, load_tokenizer, meta_model_of, weight_bytes
 from ..quality import answer_scores, generate_answers, perplexity
 from .eval import ppl_texts
@@ -191,10 +191,10 @@ def gguf_tensor_names(model, path: Path) -> dict[str, str]:
     """Each linear module of `model` mapped to its weight's name in the GGUF file at `path`, for those the file has
     (by the `gguf` package's name map for the file's architecture; a tied LM head has no weight of its own there)."""
     import gguf
+    from transformers.modeling_gguf_pytorch_utils import read_field
 
-    reader = gguf.GGUFReader(path)  # memory-mapped: only the header is read
-    field = reader.fields["general.architecture"]
-    arch = bytes(field.parts[field.data[0]]).decode()
+    reader = gguf.GGUFReader(path)
+    arch = read_field(reader, "general.architecture")[0]
     known = [a for a, name in gguf.MODEL_ARCH_NAMES.items() if name == arch]
     if not known:
         return {}
@@ -275,24 +275,27 @@ def perplexities(cfg: Config, files: dict[str, Path], merged: Path, windows: lis
     log-probabilities). None for all when transformers cannot read the architecture from GGUF. Not
     from_pretrained(gguf_file=...): it parses the file's vocabulary twice and rebuilds the name map for every
     module, 25 s of the 28 it took per file on the default."""
+    from gguf import GGUFReader
     from transformers import AutoConfig
 
     if not windows:
         return {t: None for t in files}
     config = AutoConfig.from_pretrained(str(merged), trust_remote_code=cfg.model.trust_remote_code)
-    model_class = type(meta := meta_model_of(config, cfg.model.trust_remote_code))
-    try:
-        names = gguf_names(next(iter(files.values())), meta, config.to_dict())
-    except (ValueError, NotImplementedError, KeyError) as why:
-        log.warning("gguf: transformers cannot read this architecture from GGUF (%s): no perplexity",
-                    str(why).splitlines()[0][:160])
-        return {t: None for t in files}
-    ppl = {}
+    meta, dtype = meta_model_of(config, cfg.model.trust_remote_code), compute.dtype(cfg)
+    ppl, names = {}, None
     for t, path in files.items():
-        weights = {name: tensor.to(compute.dtype(cfg))
-                   for name, tensor in gguf_tensors(path, names, desc=f"gguf: reading {path.name}")}
-        model = model_class.from_pretrained(None, config=config, state_dict=weights, dtype=compute.dtype(cfg),
-                                            device_map={"": device()})
+        reader = GGUFReader(path)
+        if names is None:
+            try:
+                names = gguf_names(reader, meta, config.to_dict())
+            except (ValueError, NotImplementedError, KeyError) as why:
+                log.warning("gguf: transformers cannot read this architecture from GGUF (%s): no perplexity",
+                            str(why).splitlines()[0][:160])
+                return {t: None for t in files}
+        weights = {name: tensor.to(dtype)
+                   for name, tensor in gguf_tensors(path, reader, names, desc=f"gguf: reading {path.name}")}
+        model = type(meta).from_pretrained(None, config=config, state_dict=weights, dtype=dtype,
+                                           device_map={"": device()})
         del weights
         ppl[t] = perplexity(model, windows)
         del model
