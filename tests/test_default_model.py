@@ -13,10 +13,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from pipeline.artifacts import read_manifest
-from pipeline.memory import release_freed_heap
 from pipeline.models import gguf_file, load_nf4, load_tokenizer
 from pipeline.quality import generate_answers
-from pipeline.runner import run
 
 from .conftest import compose_config
 from .test_base import assert_same_checkpoint, whole_gguf_as_hf, whole_model_nf4
@@ -25,12 +23,16 @@ from .test_merge import merged_in_memory
 from .test_pipeline import assert_predicted_within
 
 
-def test_base_and_merge_stages_on_the_embedded_default(tmp_path):
-    # In a process of its own, as a user runs it: the stage's peak (a fraction of this worker's resident set) is then
-    # its own, for the plan's check below.
-    done = subprocess.run([sys.executable, "-m", "pipeline", "stage=base", f"output_dir={tmp_path}"],
-                          capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+def run_as_a_user(*overrides: str) -> None:
+    """`python -m pipeline` in a process of its own, as a user runs it: the stages' peaks (the process's resident set)
+    are then their own, not this test worker's heap, for the plan's check."""
+    done = subprocess.run([sys.executable, "-m", "pipeline", *overrides], capture_output=True, text=True,
+                          timeout=900, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_base_and_merge_stages_on_the_embedded_default(tmp_path):
+    run_as_a_user("stage=base", f"output_dir={tmp_path}")
     base = tmp_path / "default" / "base"
     metrics = read_manifest(base)["metrics"]
     assert metrics["source"] == "source"  # the GGUF became a plain HF checkpoint inside the stage
@@ -44,12 +46,13 @@ def test_base_and_merge_stages_on_the_embedded_default(tmp_path):
     tokenizer = load_tokenizer(base / "nf4")
     chats = [[{"role": "user", "content": "What is the capital of France?"}, {"role": "assistant", "content": ""}]]
     assert "Paris" in generate_answers(nf4, tokenizer, chats, max_new_tokens=16)[0]
-    del nf4  # the stages below measure their peak memory in this process
+    del nf4
 
-    # A short training (lr warm from the first step, so that the adapter is not zero), then the streaming merge.
+    # A short training (lr warm from the first step, so that the adapter is not zero), the streaming merge, and the
+    # default's asymmetric grids in GPTQModel's layout (a short calibration).
     overrides = ["train.max_steps=2", "train.warmup_steps=0", "train.batch_size=2", "data.builtin_examples=40",
                  "data.heldout_examples=4", "data.max_seq_len=96", "merge.probe_examples=2", f"output_dir={tmp_path}"]
-    run(compose_config("stage=merge", *overrides))
+    run_as_a_user("stage=gptq", *overrides, "gptq.format=gptq", "gptq.calib_samples=4", "gptq.calib_seq_len=32")
     check = read_manifest(tmp_path / "default" / "merge")["metrics"]["check"]
     assert check["mode"].startswith("exact") and check["argmax_agreement"] == 1.0, check
     expected = merged_in_memory(compose_config(*overrides), base / "nf4", tmp_path / "default" / "train" / "adapter")
@@ -57,11 +60,9 @@ def test_base_and_merge_stages_on_the_embedded_default(tmp_path):
     for key, tensor in expected.to(torch.bfloat16).state_dict().items():
         assert torch.equal(written[key], tensor), key
     del expected, written
-    release_freed_heap()
 
-    # The default's asymmetric grids in GPTQModel's layout (a short calibration), and their AWQ repack, which vLLM
-    # serves: every one of its 210 layers dequantizes as GPTQModel dequantizes the GPTQ checkpoint.
-    run(compose_config("stage=gptq", *overrides, "gptq.format=gptq", "gptq.calib_samples=4", "gptq.calib_seq_len=32"))
+    # The AWQ repack of the GPTQ checkpoint, which vLLM serves: every one of its 210 layers dequantizes as GPTQModel
+    # dequantizes the GPTQ checkpoint.
     assert repack_is_lossless(tmp_path / "default" / "gptq", tmp_path / "awq") == 30 * 7
 
     # The memory plan on the real default: predicted peaks within 1.5x of the measured ones.
@@ -69,7 +70,6 @@ def test_base_and_merge_stages_on_the_embedded_default(tmp_path):
         assert_predicted_within(read_manifest(tmp_path / "default" / stage), 1.5)
 
     # Streamed, yet tensor for tensor what transformers writes from the whole model: the GGUF's 16-bit copy and NF4.
-    # Last, since the whole models leave heap resident in this process, which the stages above count in their peaks.
     cfg = compose_config()
     assert assert_same_checkpoint(whole_gguf_as_hf(gguf_file(cfg.model.name_or_path), cfg.model.dtype,
                                                    tmp_path / "whole16"), base / "source") == 272
