@@ -238,7 +238,7 @@ class BenchConfig:
     repeats: int = 2
     matrix: str = "auto"  # auto: `full` on a GPU, `cpu` on CPU
     # transformers' fast path (static cache + torch.compile) at batch 1, besides eager: auto (every artifact on a
-    # GPU, the merged model on CPU), all or none. Artifacts transformers cannot compile (GPTQ) stay eager.
+    # GPU, none on CPU), all, none, or one artifact's name. Artifacts transformers cannot compile (GPTQ) stay eager.
     compile: str = "auto"
     full: BenchMatrix = field(default_factory=BenchMatrix)
     cpu: BenchMatrix = field(default_factory=lambda: BenchMatrix([30], [1, 4], [True]))
@@ -264,7 +264,7 @@ class GGUFConfig:
     perplexity: bool = True
     # llama.cpp's importance matrix, from calibration windows as the gptq stage takes them (gptq.calib_*), weighs each
     # weight's rounding error in llama-quantize (all types but q8_0 and the float ones use it); 0 windows: none.
-    imatrix_samples: int = 64
+    imatrix_samples: int = 32
     imatrix_seq_len: int = 128
     imatrix_source: str = "mixed"  # pydoc | train | mixed
 
@@ -561,7 +561,8 @@ def validate(cfg: Any) -> None:
                f"bench.{name}.batch_sizes", "a non-empty list of positive integers", list(matrix.batch_sizes))
         _check(len(matrix.use_cache) > 0 and all(isinstance(c, bool) for c in matrix.use_cache),
                f"bench.{name}.use_cache", "a non-empty list of true/false", list(matrix.use_cache))
-    _check(cfg.bench.compile in ("auto", "all", "none"), "bench.compile", "auto, all or none", cfg.bench.compile)
+    _check(cfg.bench.compile in ("auto", "all", "none", *cfg.bench.artifacts), "bench.compile",
+           "auto, all, none or one of bench.artifacts", cfg.bench.compile)
     gg = cfg.gguf
     _check(len(gg.types) > 0 and all(t in GGUF_TYPES for t in gg.types) and len(set(gg.types)) == len(gg.types),
            "gguf.types", f"a non-empty list of distinct types from {', '.join(GGUF_TYPES)}", list(gg.types))

@@ -32,8 +32,8 @@ TINY = ["train.max_steps=12", "train.batch_size=4", "train.save_steps=4", "train
         "train.lr=1e-2", "data.builtin_examples=200", "data.heldout_examples=16", "gptq.calib_samples=8",
         "gptq.calib_seq_len=64", "merge.probe_examples=4", "eval.ppl_windows=4", "eval.ppl_seq_len=64",
         "eval.task_examples=8", "eval.max_new_tokens=8", "bench.cpu.new_tokens=[8]", "bench.cpu.batch_sizes=[1,2]",
-        "bench.warmup=1", "bench.repeats=2", "serve.enabled=false", "gguf.enabled=false", "gguf.imatrix_samples=8",
-        "gguf.imatrix_seq_len=64",
+        "bench.warmup=1", "bench.repeats=2", "bench.compile=merged", "serve.enabled=false", "gguf.enabled=false",
+        "gguf.imatrix_samples=8", "gguf.imatrix_seq_len=64",
         "eval.lm_eval.tasks=[pipeline_text,pipeline_heldout]"]  # both of the pipeline's own lm-eval tasks
 
 

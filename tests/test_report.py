@@ -47,7 +47,7 @@ def test_bench_reports_prefill_decode_memory_and_roofline(finished):
     assert bench["matrix"] == {"new_tokens": [8], "batch_sizes": [1, 2], "use_cache": [True]}
     assert list(bench["artifacts"]) == ["base16", "nf4", "qlora", "merged", "gptq"]
     for name, b in bench["artifacts"].items():
-        # on CPU, bench.compile=auto adds the compiled path (static cache + torch.compile) for the merged model
+        # bench.compile=merged (the tests' setting) adds the compiled path (static cache + torch.compile) for it
         compiled = [(1, 8, True)] if name == "merged" else []
         assert [(r["batch"], r["new_tokens"], r["compiled"]) for r in b["runs"]] == [(1, 8, False), (2, 8, False),
                                                                                      *compiled], name

@@ -255,6 +255,9 @@ def merged_reference(cfg: Config, merged: Path, sixteen: Path, tokenizer, chats:
     when none of them is asked for."""
     if not chats and not windows and not calibration:
         return [], None, 0
+    log.info("gguf: the merged model in transformers: %s", ", ".join(
+        what for what, asked in (("its answers", chats), ("its perplexity", windows),
+                                 ("the importance matrix", calibration)) if asked))
     model = load_causal_lm(merged, cfg.model, compute.dtype_name(cfg))
     answers = generate_answers(model, tokenizer, chats, max_new_tokens=cfg.gguf.max_new_tokens) if chats else []
     ppl = perplexity(model, windows) if windows else None
@@ -298,6 +301,7 @@ def perplexities(cfg: Config, files: dict[str, Path], merged: Path, windows: lis
                                            device_map={"": device()})
         del weights
         ppl[t] = perplexity(model, windows)
+        log.info("gguf: %s perplexity %.2f, in transformers from the file's weights", t, ppl[t])
         del model
     return ppl
 
