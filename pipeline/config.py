@@ -561,8 +561,8 @@ def validate(cfg: Any) -> None:
                f"bench.{name}.batch_sizes", "a non-empty list of positive integers", list(matrix.batch_sizes))
         _check(len(matrix.use_cache) > 0 and all(isinstance(c, bool) for c in matrix.use_cache),
                f"bench.{name}.use_cache", "a non-empty list of true/false", list(matrix.use_cache))
-    _check(cfg.bench.compile in ("auto", "all", "none", *cfg.bench.artifacts), "bench.compile",
-           "auto, all, none or one of bench.artifacts", cfg.bench.compile)
+    _check(cfg.bench.compile in ("auto", "all", "none", *ARTIFACTS), "bench.compile",
+           f"auto, all, none or an artifact ({', '.join(ARTIFACTS)})", cfg.bench.compile)
     gg = cfg.gguf
     _check(len(gg.types) > 0 and all(t in GGUF_TYPES for t in gg.types) and len(set(gg.types)) == len(gg.types),
            "gguf.types", f"a non-empty list of distinct types from {', '.join(GGUF_TYPES)}", list(gg.types))

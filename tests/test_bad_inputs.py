@@ -54,7 +54,7 @@ CASES = [
     ("model.dtype=int8", "model.dtype='int8' is not allowed"),
     ("eval.artifacts=[gptq,awq]", "eval.artifacts=['gptq', 'awq'] is not allowed"),
     ("bench.matrix=huge", "bench.matrix='huge' is not allowed: auto, full or cpu"),
-    ("bench.compile=rtn", "bench.compile='rtn' is not allowed: auto, all, none or one of bench.artifacts"),
+    ("bench.compile=awq", "bench.compile='awq' is not allowed: auto, all, none or an artifact (base16,"),
     # Hydra itself refuses these while composing the config (its exit code is 1): experiment names a file in
     # conf/experiment/, so it cannot point outside output_dir; every key is typed.
     ("experiment=../../etc", "Could not find 'experiment/../../etc'", 1),
