@@ -245,7 +245,10 @@ def stage_terms(stage: str, cfg: Config, s, rates: Rates, typical: Chats, source
         e = cfg.eval
         work.forward("perplexity windows", e.ppl_windows * e.ppl_seq_len, e.ppl_windows)  # the merged model's
         if imatrix_used(g):
-            work.forward("importance matrix windows", g.imatrix_samples * g.imatrix_seq_len, g.imatrix_samples)
+            from .stages.gguf import IMATRIX_BATCH
+
+            work.forward("importance matrix windows", g.imatrix_samples * g.imatrix_seq_len,
+                         math.ceil(g.imatrix_samples / IMATRIX_BATCH))
         for _ in g.types:
             work.forward("llama.cpp's answers and load", tokens, sum(n * length for n, length in waves),
                          scale=LLAMACPP_STEP_FACTOR)
