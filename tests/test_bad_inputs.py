@@ -1,4 +1,7 @@
-"""Bad input: a one-line error naming the key, exit code 2, no traceback, and no cached artifact touched."""
+"""Bad input: a one-line error naming the key, exit code 2, no traceback, and no cached artifact touched.
+
+Every case runs the real runner on the composed config; the command line's part (exit code, the error as one log line,
+no traceback) is the same for every refusal, so a few cases go through `python -m pipeline` to check it."""
 from __future__ import annotations
 
 import hashlib
@@ -9,6 +12,11 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from pipeline.config import ConfigError
+from pipeline.runner import run
+
+from .conftest import compose_config
 
 BAD_MODELS = {
     "no-config": {},
@@ -112,8 +120,28 @@ def bad_inputs(finished, tmp_path_factory):
     return tmp, outputs, overrides
 
 
-@pytest.mark.parametrize("override, message, code", [(*case, 2)[:3] for case in CASES], ids=[c[0] for c in CASES])
-def test_bad_input_fails_cleanly_and_changes_nothing(bad_inputs, override, message, code):
+REFUSED = [case for case in CASES if len(case) == 2]
+
+
+@pytest.mark.parametrize("override, message", REFUSED, ids=[c[0] for c in REFUSED])
+def test_bad_input_is_refused_in_one_line_and_changes_nothing(bad_inputs, override, message):
+    tmp, outputs, overrides = bad_inputs
+    before = tree_hashes(outputs)
+    with pytest.raises(ConfigError) as refused:
+        run(compose_config(*overrides, f"output_dir={outputs}", *override.format(tmp=tmp).split()))
+    said = str(refused.value)
+    assert message.format(tmp=tmp) in said and "\n" not in said, said
+    assert tree_hashes(outputs) == before
+
+
+# Hydra's own refusals (its exit code is 1), and two of the runner's
+EDGE = [case for case in CASES if len(case) == 3] + [
+    ("stage=deploy", "stage='deploy' is not allowed: one of all, base, train", 2),
+    ("model.name_or_path={tmp}/remote-code", "the model ships its own Python code (auto_map in config.json)", 2)]
+
+
+@pytest.mark.parametrize("override, message, code", EDGE, ids=[c[0] for c in EDGE])
+def test_the_command_line_says_it_without_a_traceback(bad_inputs, override, message, code):
     tmp, outputs, overrides = bad_inputs
     before = tree_hashes(outputs)
     args = [a.format(tmp=tmp) for a in override.split()]
@@ -123,6 +151,9 @@ def test_bad_input_fails_cleanly_and_changes_nothing(bad_inputs, override, messa
     assert result.returncode == code, said[-3000:]
     assert message.format(tmp=tmp) in said, said[-3000:]
     assert "Traceback" not in said
+    if code == 2:  # the runner's refusal is one log line
+        assert [line for line in said.splitlines() if "[ERROR]" in line] == [
+            line for line in said.splitlines() if message.format(tmp=tmp) in line], said[-3000:]
     assert tree_hashes(outputs) == before
 
 
