@@ -269,6 +269,9 @@ class GGUFConfig:
     imatrix_source: str = "mixed"  # pydoc | train | mixed
 
 
+IMATRIX_BATCH = 8  # calibration windows per forward of the gguf stage's importance matrix (the plan and timing count it)
+
+
 def imatrix_used(g: GGUFConfig) -> bool:
     """Whether the gguf stage computes an importance matrix: windows asked for, and a type llama-quantize writes."""
     return g.imatrix_samples > 0 and any(t not in GGUF_FLOAT_TYPES for t in g.types)

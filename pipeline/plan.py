@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 
 from . import compute, distributed, timing
-from .config import Config, ConfigError, imatrix_used
+from .config import IMATRIX_BATCH, Config, ConfigError, imatrix_used
 
 GIB = 2**30
 # The process with the stage's libraries imported, before any model: the tiny models' measured peaks (their
@@ -201,8 +201,6 @@ def stage_terms(stage: str, cfg: Config, s: Shape, on_gpu: bool, source_gguf: bo
         asks_merged = g.task_examples or g.perplexity or imatrix_used(g)
         reference = sixteen_bit(s, width) + sum(loading(sixteen_bit(s), on_gpu).values()) if asks_merged else 0
         if imatrix_used(g):  # a batch of calibration windows' logits
-            from .stages.gguf import IMATRIX_BATCH
-
             reference += logits(IMATRIX_BATCH * g.imatrix_seq_len, s)
         # a file's weights read tensor by tensor into the compute dtype, then a model loaded from them
         read = int(largest + (4 + width) * s.params) if cfg.gguf.perplexity else 0

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .config import Config, imatrix_used
+from .config import IMATRIX_BATCH, Config, imatrix_used
 
 # Seconds per FLOP of a model's passes: a / (matmul rate in the compute dtype) + b / (matmul rate in float32). The
 # matmuls run in the compute dtype, below the benchmark's rate; the rest (attention, norms, activations, casts, and
@@ -245,8 +245,6 @@ def stage_terms(stage: str, cfg: Config, s, rates: Rates, typical: Chats, source
         e = cfg.eval
         work.forward("perplexity windows", e.ppl_windows * e.ppl_seq_len, e.ppl_windows)  # the merged model's
         if imatrix_used(g):
-            from .stages.gguf import IMATRIX_BATCH
-
             work.forward("importance matrix windows", g.imatrix_samples * g.imatrix_seq_len,
                          math.ceil(g.imatrix_samples / IMATRIX_BATCH))
         for _ in g.types:

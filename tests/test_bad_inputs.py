@@ -136,8 +136,7 @@ def test_bad_input_is_refused_in_one_line_and_changes_nothing(bad_inputs, overri
 
 # Hydra's own refusals (its exit code is 1), and two of the runner's
 EDGE = [case for case in CASES if len(case) == 3] + [
-    ("stage=deploy", "stage='deploy' is not allowed: one of all, base, train", 2),
-    ("model.name_or_path={tmp}/remote-code", "the model ships its own Python code (auto_map in config.json)", 2)]
+    (*case, 2) for case in REFUSED if case[0] in ("stage=deploy", "model.name_or_path={tmp}/remote-code")]
 
 
 @pytest.mark.parametrize("override, message, code", EDGE, ids=[c[0] for c in EDGE])

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from .. import compute
 from ..artifacts import dir_bytes
 from ..checkpoints import gguf_names, gguf_tensors
-from ..config import GGUF_FLOAT_TYPES, Config, imatrix_used
+from ..config import GGUF_FLOAT_TYPES, IMATRIX_BATCH, Config, imatrix_used
 from ..data import calibration_windows, read_jsonl, task_chats, token_windows
 from ..models import device, load_causal_lm, load_tokenizer, meta_model_of, weight_bytes
 from ..quality import answer_scores, generate_answers, perplexity
@@ -45,7 +45,6 @@ from .serve import chat, dying_with_this_process, free_port, load
 
 log = logging.getLogger(__name__)
 
-IMATRIX_BATCH = 8
 TOOLS = Path(__file__).resolve().parents[2] / ".gguf-tools"
 
 
