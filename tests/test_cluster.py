@@ -321,21 +321,44 @@ def assert_one_ddp_adapter(out: Path, exp: Path, steps: int) -> None:
     assert model.active_adapter == "default"
 
 
+def hold_lock(stage: StageDir) -> subprocess.Popen:
+    """A process that holds the stage's build lock until a line arrives on its stdin, then releases it cleanly."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from pathlib import Path; from pipeline.artifacts import exclusive\n"
+         f"with exclusive(Path({str(stage.store)!r}) / '.{stage.name}.lock', {stage.name!r}):\n"
+         "    print('held', flush=True); sys.stdin.readline()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
 def test_two_runs_of_one_stage_build_it_once(finished, tmp_path):
     out, overrides, _ = finished
     mine = tmp_path / "outputs"
     shutil.copytree(out, mine, symlinks=True)
     drop(mine / "default", "gptq")
     args = [*overrides, f"output_dir={mine}", "stage=gptq"]
+    gptq = StageDir(mine / "store", "gptq", fingerprints(compose_config(*args))["gptq"])
+    # Both runs must reach the lock before either can build (a tiny gptq builds in about a second, faster than
+    # a second run starts): a third process holds it until both say they wait, then lets them race for it.
+    holder = hold_lock(gptq)
     cmd = [sys.executable, "-m", "pipeline", *args]
     logs = [tmp_path / "first.log", tmp_path / "second.log"]  # files, not pipes: a full pipe would block a run
     runs = [subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=ENV) for log in logs]
+    try:
+        waiting = f"is being built by pid {holder.pid}"
+        deadline = time.monotonic() + 300
+        while not all(waiting in log.read_text() for log in logs):
+            assert time.monotonic() < deadline and all(run.poll() is None for run in runs), \
+                [log.read_text()[-3000:] for log in logs]
+            time.sleep(0.5)
+    finally:
+        holder.communicate("release\n")
     assert [run.wait(timeout=600) for run in runs] == [0, 0], [log.read_text()[-3000:] for log in logs]
     both = "".join(log.read_text() for log in logs)
     assert both.count("gptq: running") == 1 and both.count("gptq: up to date, skipped") == 1
-    assert "is being built by pid" in both
-    prints = fingerprints(compose_config(*args))
-    assert StageDir(mine / "store", "gptq", prints["gptq"]).is_fresh()
+    assert "recovered the lock" not in both
+    assert gptq.is_fresh()
     assert len(list((mine / "store").glob("gptq-*"))) == 1 and not list((mine / "store").glob(".*.partial"))
 
 
@@ -345,12 +368,8 @@ def test_busy_lock_stops_or_waits_and_a_dead_holder_is_recovered(finished, tmp_p
     shutil.copytree(out, mine, symlinks=True)
     args = [*overrides, f"output_dir={mine}", "stage=merge", "force=true"]
     merge = StageDir(mine / "store", "merge", fingerprints(compose_config(*args))["merge"])
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from pathlib import Path; from pipeline.artifacts import exclusive\n"
-         f"with exclusive(Path({str(merge.store)!r}) / '.{merge.name}.lock', 'merge'):\n"
-         "    print('held', flush=True); time.sleep(600)"], stdout=subprocess.PIPE, text=True)
+    holder = hold_lock(merge)
     try:
-        assert holder.stdout.readline().strip() == "held"
         busy = pipeline(*args, "lock.wait=false")
         assert busy.returncode == 2, said(busy)[-3000:]
         assert f"merge ({merge.name}) is being built by pid {holder.pid}" in said(busy)
