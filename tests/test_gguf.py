@@ -121,6 +121,8 @@ def test_gguf_files_answer_in_llama_cpp_like_transformers(gguf_run):
     # Perplexity of the weights as stored: f16 holds the bfloat16 merged weights exactly, Q8_0 nearly.
     ratios = [r["ppl"] / result["merged_ppl"] for r in (f16, q8)]
     assert abs(ratios[0] - 1) < 1e-3 and abs(ratios[1] - 1) < 0.01, (result["merged_ppl"], ratios)
+    # Each file served by a llama.cpp server of its own, its log in tools.log, not on the console
+    assert (made / "tools.log").read_text().count("init: model loaded") == 2
     for r in (f16, q8):
         assert [level["concurrency"] for level in r["load"]] == [1, 2] and all(
             level["output_tok_s"] > 0 for level in r["load"]), r["load"]

@@ -7,8 +7,8 @@ package) to a 16-bit GGUF file with the chat template and special tokens in it, 
 Each file gets an Ollama Modelfile (`Modelfile.<type>`: FROM, the chat template in Ollama's Go-template syntax, the
 stop tokens).
 
-Then each file is served by llama.cpp's HTTP server (embedded in the xllamacpp wheel, in this process, on
-127.0.0.1): the held-out questions through /v1/chat/completions (with the template in the file), greedy; task
+Then each file is served by llama.cpp's HTTP server (embedded in the xllamacpp wheel, in a process of its own,
+on 127.0.0.1): the held-out questions through /v1/chat/completions (with the template in the file), greedy; task
 accuracy, agreement with transformers' greedy answers from the merged checkpoint, and latency/throughput at each
 `gguf.concurrency`, as the serve stage measures vLLM; and its perplexity on eval's windows, its weights as stored
 dequantized into the merged model's class in transformers (llama.cpp's server gives no prompt log-probabilities),
@@ -21,6 +21,8 @@ that tool), in the file format llama-quantize reads. `gguf.imatrix_samples=0` qu
 """
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import json
 import logging
 import os
@@ -41,7 +43,7 @@ from ..data import calibration_windows, read_jsonl, task_chats, token_windows
 from ..models import device, load_causal_lm, load_tokenizer, meta_model_of, weight_bytes
 from ..quality import answer_scores, generate_answers, perplexity
 from .eval import ppl_texts
-from .serve import chat, dying_with_this_process, free_port, load
+from .serve import chat, dying_with_this_process, load
 
 log = logging.getLogger(__name__)
 
@@ -70,9 +72,7 @@ def missing(cfg: Config, inputs: dict[str, Path]) -> str | None:
         return f"llama.cpp's converter is not installed in {TOOLS} (make install)"
     if quantizer() is None and set(cfg.gguf.types) - set(GGUF_FLOAT_TYPES):
         return "llama.cpp's llama-quantize is not installed (pip install ik-llama-cpp-python; make install)"
-    try:
-        import xllamacpp  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("xllamacpp") is None:  # not imported here: the server runs in its own process
         return "llama.cpp's server is not installed (pip install xllamacpp; make install)"
     return None
 
@@ -84,9 +84,12 @@ def tool(command: list[str], log_path: Path, env: dict | None = None, cwd: Path 
         done = subprocess.run(dying_with_this_process(command), stdout=out, stderr=subprocess.STDOUT,
                               env={**os.environ, **(env or {})}, cwd=cwd)
     if done.returncode:
-        last = (log_path.read_text().strip().splitlines() or ["no output"])[-1]
         name = Path(command[1] if command[0] == sys.executable else command[0]).name
-        raise RuntimeError(f"llama.cpp's {name} failed (exit {done.returncode}): {last[:300]}")
+        raise RuntimeError(f"llama.cpp's {name} failed (exit {done.returncode}): {last_line(log_path)}")
+
+
+def last_line(log_path: Path) -> str:
+    return (log_path.read_text(errors="replace").strip().splitlines() or ["no output"])[-1][:300]
 
 
 def convert(checkpoint: Path, out: Path, outtype: str, log_path: Path, vocab_only: bool = False) -> None:
@@ -164,25 +167,53 @@ def threads() -> int:
     return torch.get_num_threads()  # this process's share of the cores (OMP_NUM_THREADS where set)
 
 
-def served(cfg: Config, path: Path, prompts: list[list[dict]]) -> tuple[list[str], list[dict]]:
-    """The file in llama.cpp's server: its greedy answers to `prompts`, then the load at each gguf.concurrency."""
-    import xllamacpp
+# llama.cpp's server runs in a process of its own. In this one, ggml would share torch's OpenMP runtime (a process
+# loads one libgomp.so.1): the pool threads left by the stage's transformers work count against the cores, so libgomp
+# has ggml's threads sleep between operations instead of spinning, and the answers came 1.5x slower. Its log goes to
+# the stage's tools.log, not the console.
+SERVER = """\
+import sys, xllamacpp
+params = xllamacpp.CommonParams()
+params.model.path, params.n_parallel, params.n_ctx = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+params.cpuparams.n_threads = params.cpuparams_batch.n_threads = int(sys.argv[4])
+params.port = 0  # a free one, which the server names
+server = xllamacpp.Server(params)  # listening once constructed
+print(server.listening_address, flush=True)
+sys.stdin.read()  # until the stage closes its end of the pipe, or dies
+"""
 
-    g = cfg.gguf
-    params = xllamacpp.CommonParams()
-    params.model.path = str(path)
-    params.n_parallel = max(g.concurrency)
-    params.n_ctx = g.context * params.n_parallel  # each of the server's slots gets n_ctx / n_parallel
-    params.port = free_port()
-    params.cpuparams.n_threads = params.cpuparams_batch.n_threads = threads()
-    server = xllamacpp.Server(params)  # listening once constructed; stopped when deleted
-    url = server.listening_address
+
+@contextlib.contextmanager
+def llama_server(cfg: Config, path: Path, log_path: Path):
+    """llama.cpp's server on the file at `path`, its URL inside the block; stopped when the block ends."""
+    parallel = max(cfg.gguf.concurrency)
+    # each of the server's slots gets n_ctx / n_parallel
+    command = [sys.executable, "-c", SERVER, str(path), str(parallel), str(cfg.gguf.context * parallel), str(threads())]
+    with log_path.open("a") as out:
+        server = subprocess.Popen(dying_with_this_process(command), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                  stderr=out, text=True)
     try:
+        url = server.stdout.readline().strip()
+        if not url:
+            raise RuntimeError(f"llama.cpp's server did not start on {path.name} (exit {server.wait()}): "
+                               f"{last_line(log_path)}")
+        yield url
+    finally:
+        server.stdin.close()
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
+def served(cfg: Config, path: Path, prompts: list[list[dict]], log_path: Path) -> tuple[list[str], list[dict]]:
+    """The file in llama.cpp's server: its greedy answers to `prompts`, then the load at each gguf.concurrency."""
+    g = cfg.gguf
+    with llama_server(cfg, path, log_path) as url:
         with ThreadPoolExecutor(max(g.concurrency)) as pool:
             answers = [r["text"].strip() for r in pool.map(lambda m: chat(url, m, g.max_new_tokens), prompts)]
         levels = [load(url, prompts, level, max(g.requests, level), g.load_max_tokens) for level in g.concurrency]
-    finally:
-        del server
     return answers, levels
 
 
@@ -213,20 +244,24 @@ def importance_matrix(model, windows: list[list[int]], names: dict[str, str]) ->
     pass."""
     sums: dict[str, list] = {}
 
-    def collect(name: str):
-        def hook(module, args):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-            total, count = sums.get(name, (0, 0))
-            sums[name] = [total + x.square().sum(0), count + x.shape[0]]
-        return hook
+    def collect(name: str, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).float()
+        total, count = sums.get(name, (0, 0))
+        sums[name] = [total + x.square().sum(0), count + x.shape[0]]
     modules = dict(model.named_modules())
-    hooks = [modules[module].register_forward_pre_hook(collect(name)) for module, name in names.items()]
+    head = next(name for name, module in modules.items() if module is model.get_output_embeddings())
+    hooks = [modules[module].register_forward_pre_hook(lambda _, args, name=name: collect(name, args[0]))
+             for module, name in names.items() if module != head]
+    # The decoder alone: the LM head's input is the decoder's output, collected here where the file has the head's
+    # weight; its product with a large vocabulary (a quarter of a small model's forward) is not needed.
+    decoder = model.get_decoder()
     try:
-        # IMATRIX_BATCH windows of one length per forward (no padding): 1.3x faster than one at a time on CPU; the
-        # logits stay small (8 x 128 tokens x 128k vocabulary x 2 bytes: 0.26 GB)
+        # IMATRIX_BATCH windows of one length per forward (no padding): 1.3x faster than one at a time on CPU
         with torch.inference_mode():
             for start in tqdm(range(0, len(windows), IMATRIX_BATCH), desc="gguf: importance matrix", unit="batch"):
-                model(input_ids=torch.tensor(windows[start:start + IMATRIX_BATCH], device=model.device))
+                hidden = decoder(input_ids=torch.tensor(windows[start:start + IMATRIX_BATCH], device=model.device))
+                if head in names:
+                    collect(names[head], hidden.last_hidden_state)
     finally:
         for hook in hooks:
             hook.remove()
@@ -258,7 +293,9 @@ def merged_reference(cfg: Config, merged: Path, sixteen: Path, tokenizer, chats:
         what for what, asked in (("its answers", chats), ("its perplexity", windows),
                                  ("the importance matrix", calibration)) if asked))
     model = load_causal_lm(merged, cfg.model, compute.dtype_name(cfg))
-    answers = generate_answers(model, tokenizer, chats, max_new_tokens=cfg.gguf.max_new_tokens) if chats else []
+    # in eval's batches: decoding a step costs about the same for 16 prompts or 96 on CPU
+    answers = (generate_answers(model, tokenizer, chats, max_new_tokens=cfg.gguf.max_new_tokens,
+                                batch_size=cfg.eval.batch_size) if chats else [])
     ppl = perplexity(model, windows) if windows else None
     names = gguf_tensor_names(model, sixteen) if calibration else {}
     if calibration and not names:
@@ -344,7 +381,7 @@ def run(cfg: Config, work: Path, inputs: dict[str, Path]) -> dict:
                           "seq_len": g.imatrix_seq_len, "source": g.imatrix_source} if entries else None}
     ppl = perplexities(cfg, files, merged, windows)
     for t, path in files.items():
-        answers, levels = served(cfg, path, prompts)
+        answers, levels = served(cfg, path, prompts, tools_log)
         answers = answers[:len(chats)]
         report["types"][t] = {
             "file": path.name, "bytes": path.stat().st_size, "ppl": ppl[t],
