@@ -12,7 +12,9 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import torch
+from gguf import GGUFReader
 from tqdm.auto import tqdm
 
 from .models import safetensors_header
@@ -24,6 +26,17 @@ DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF1
           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
           "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+
+
+class GGUFFile(GGUFReader):
+    """gguf's reader of a GGUF file, parsing its header through a plain array view of the file's memory map: numpy's
+    memmap subclass costs microseconds on each of the ~250k slices the reader takes of a 49k-token vocabulary, 2.2 s
+    a file on the default model (0.7 s so)."""
+
+    def _get(self, *args, **kwargs):
+        if type(self.data) is np.memmap:
+            self.data = self.data.view(np.ndarray)  # the same mapped bytes
+        return super()._get(*args, **kwargs)
 
 
 class Checkpoint:
@@ -82,7 +95,7 @@ def saved_names(model, checkpoint: Checkpoint) -> dict[str, str]:
 
 
 def gguf_names(reader, model, processor_config: dict):
-    """transformers' GGUF tensor processor for the GGUF file `reader` reads (gguf.GGUFReader; its architecture's),
+    """transformers' GGUF tensor processor for the GGUF file `reader` reads (a GGUFFile; its architecture's),
     and the map from the file's tensor names to `model`'s state-dict names. `processor_config` is the model's
     configuration as a dict (the processors read head counts from it)."""
     import gguf
@@ -102,12 +115,11 @@ def gguf_names(reader, model, processor_config: dict):
 
 
 def gguf_tensors(path: Path, reader, names: tuple, desc: str) -> Iterator[tuple[str, torch.Tensor]]:
-    """The tensors of the GGUF file at `path` (`reader`: its gguf.GGUFReader, which parses the whole header,
+    """The tensors of the GGUF file at `path` (`reader`: its GGUFFile, which parses the whole header,
     vocabulary included: seconds, so made once per file) under a model's state-dict names (`names`: gguf_names), in
     float32, one at a time: each read with a plain read at its offset (the reader's memory map would keep the whole
     file resident), dequantized by the `gguf` package, renamed and un-permuted by transformers' own GGUF processors
     (what from_pretrained(gguf_file=...) does with the whole model at once)."""
-    import numpy as np
     from gguf import dequantize
 
     processor, hf_names = names

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from .. import memory
 from ..artifacts import dir_bytes
-from ..checkpoints import Checkpoint, Shards, gguf_names, gguf_tensors, saved_names
+from ..checkpoints import Checkpoint, GGUFFile, Shards, gguf_names, gguf_tensors, saved_names
 from ..config import Config, shard_bytes
 from ..models import (bnb_config, device, gguf_config, gguf_file, load_causal_lm, load_tokenizer, local_dir,
                       meta_model, meta_model_of, torch_dtype, weight_bytes)
@@ -30,7 +30,6 @@ log = logging.getLogger(__name__)
 
 def gguf_to_hf(gguf: Path, dtype: torch.dtype, out: Path, max_bytes: int) -> None:
     """A GGUF file as a plain HF safetensors checkpoint, written tensor by tensor in `dtype`."""
-    from gguf import GGUFReader
     from transformers import AutoTokenizer, GenerationConfig
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
@@ -39,7 +38,7 @@ def gguf_to_hf(gguf: Path, dtype: torch.dtype, out: Path, max_bytes: int) -> Non
     config.dtype = str(dtype).removeprefix("torch.")
     model = meta_model_of(config, False)
     config.architectures = [type(model).__name__]  # as save_pretrained records it
-    shards, reader = Shards(out, max_bytes), GGUFReader(gguf)
+    shards, reader = Shards(out, max_bytes), GGUFFile(gguf)
     names = gguf_names(reader, model, load_gguf_checkpoint(str(gguf), return_tensors=False)["config"])
     for name, tensor in gguf_tensors(gguf, reader, names, desc="base: GGUF to HF"):
         shards.add(name, tensor.to(dtype))

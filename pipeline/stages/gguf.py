@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from .. import compute
 from ..artifacts import dir_bytes
-from ..checkpoints import gguf_names, gguf_tensors
+from ..checkpoints import GGUFFile, gguf_names, gguf_tensors
 from ..config import GGUF_FLOAT_TYPES, IMATRIX_BATCH, Config, imatrix_used
 from ..data import calibration_windows, read_jsonl, task_chats, token_windows
 from ..models import device, load_causal_lm, load_tokenizer, meta_model_of, weight_bytes
@@ -223,7 +223,7 @@ def gguf_tensor_names(model, path: Path) -> dict[str, str]:
     import gguf
     from transformers.modeling_gguf_pytorch_utils import read_field
 
-    reader = gguf.GGUFReader(path)
+    reader = GGUFFile(path)
     arch = read_field(reader, "general.architecture")[0]
     known = [a for a, name in gguf.MODEL_ARCH_NAMES.items() if name == arch]
     if not known:
@@ -314,7 +314,6 @@ def perplexities(cfg: Config, files: dict[str, Path], merged: Path, windows: lis
     log-probabilities). None for all when transformers cannot read the architecture from GGUF. Not
     from_pretrained(gguf_file=...): it parses the file's vocabulary twice and rebuilds the name map for every
     module, 25 s of the 28 it took per file on the default."""
-    from gguf import GGUFReader
     from transformers import AutoConfig
 
     if not windows:
@@ -323,7 +322,7 @@ def perplexities(cfg: Config, files: dict[str, Path], merged: Path, windows: lis
     meta, dtype = meta_model_of(config, cfg.model.trust_remote_code), compute.dtype(cfg)
     ppl, names = {}, None
     for t, path in files.items():
-        reader = GGUFReader(path)
+        reader = GGUFFile(path)
         if names is None:
             try:
                 names = gguf_names(reader, meta, config.to_dict())
