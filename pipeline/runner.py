@@ -38,7 +38,7 @@ UPSTREAM = {"base": [], "train": ["base"], "merge": ["base", "train"], "gptq": [
 # for lack of room is measured once the user raises memory.max_memory, as the skip's message says to.
 CONFIG_KEYS = {"base": ["model", "base"], "train": ["data", "train", "seed", "compute_dtype"],
                "merge": ["merge", "compute_dtype"], "gptq": ["gptq", "seed", "compute_dtype"],
-               "gguf": ["gguf", "eval", "seed", "compute_dtype"],  # eval's perplexity windows
+               "gguf": ["gguf", "eval", "seed", "compute_dtype"],  # eval's perplexity windows, its answer batches
                "eval": ["eval", "seed", "compute_dtype", "memory"],
                "bench": ["bench", "seed", "compute_dtype", "memory"],
                "serve": ["serve", "seed", "compute_dtype", "memory"]}

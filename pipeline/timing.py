@@ -146,11 +146,11 @@ FIXED_S = {"base": 0.5, "train": 2.0, "merge": 0.5, "gptq": 0.5, "gguf": 2.0, "e
 # ("load": an artifact loaded for eval or bench, and what eval reads of its weights for the histogram)
 WEIGHTS_S_PER_PARAM = {"base": 0.05e-6, "gguf": 0.15e-6, "merge": 0.02e-6, "gptq": 0.03e-6, "load": 0.04e-6,
                        # llama.cpp's converter, llama-quantize per type, and a file's weights dequantized in numpy
-                       # and loaded for its perplexity (the default's gguf stage: 75 s with perplexity and the
-                       # importance matrix, where these terms say 67)
-                       "convert": 0.03e-6, "quantize": 0.004e-6, "gguf_read": 0.1e-6}
+                       # and loaded for its perplexity (the default's gguf stage, AVX512-BF16: 13.2 s for both files'
+                       # perplexity, 5.8 of it the forward passes)
+                       "convert": 0.03e-6, "quantize": 0.004e-6, "gguf_read": 0.03e-6}
 # llama.cpp's server against transformers' eager decoding on the same work (the default's gguf stage, AVX512-BF16:
-# 18 s of answers and load for Q8_0 and Q4_K_M where transformers' terms say 89)
+# 16.7 s of answers and load for Q8_0 and Q4_K_M, the servers' start included, where transformers' terms say 89)
 LLAMACPP_STEP_FACTOR = 0.2
 GPTQ_MODULE_S = {"cpu": 0.1, "cuda": 0.03}  # GPTQModel's per-module work besides FLOPs (its solver loop, packing)
 RTN_MODULE_S = {"cpu": 0.05, "cuda": 0.01}
@@ -238,7 +238,7 @@ def stage_terms(stage: str, cfg: Config, s, rates: Rates, typical: Chats, source
         prompts = min(g.task_examples, heldout_rows(cfg))
         work.add("converted and quantized", s.params * (WEIGHTS_S_PER_PARAM["convert"] + len(g.types)
                                                         * WEIGHTS_S_PER_PARAM["quantize"]))
-        work.generate("transformers' answers", prompts, typical.prompt, g.max_new_tokens, 16)
+        work.generate("transformers' answers", prompts, typical.prompt, g.max_new_tokens, cfg.eval.batch_size)
         waves = [(math.ceil(prompts / max(g.concurrency)), g.max_new_tokens)] + [
             (math.ceil(max(g.requests, c) / c), g.load_max_tokens) for c in g.concurrency]
         tokens = prompts * g.max_new_tokens + sum(max(g.requests, c) * g.load_max_tokens for c in g.concurrency)
@@ -246,7 +246,7 @@ def stage_terms(stage: str, cfg: Config, s, rates: Rates, typical: Chats, source
         work.forward("perplexity windows", e.ppl_windows * e.ppl_seq_len, e.ppl_windows)  # the merged model's
         if imatrix_used(g):
             work.forward("importance matrix windows", g.imatrix_samples * g.imatrix_seq_len,
-                         math.ceil(g.imatrix_samples / IMATRIX_BATCH))
+                         math.ceil(g.imatrix_samples / IMATRIX_BATCH), head=False)
         for _ in g.types:
             work.forward("llama.cpp's answers and load", tokens, sum(n * length for n, length in waves),
                          scale=LLAMACPP_STEP_FACTOR)
