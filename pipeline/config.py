@@ -269,7 +269,7 @@ class GGUFConfig:
     imatrix_source: str = "mixed"  # pydoc | train | mixed
 
 
-IMATRIX_BATCH = 8  # calibration windows per forward of the gguf stage's importance matrix (the plan and timing count it)
+IMATRIX_BATCH = 8  # calibration windows per forward of the gguf stage's importance matrix (timing counts the calls)
 
 
 def imatrix_used(g: GGUFConfig) -> bool:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 
 from . import compute, distributed, timing
-from .config import IMATRIX_BATCH, Config, ConfigError, imatrix_used
+from .config import Config, ConfigError, imatrix_used
 
 GIB = 2**30
 # The process with the stage's libraries imported, before any model: the tiny models' measured peaks (their
@@ -194,14 +194,12 @@ def stage_terms(stage: str, cfg: Config, s: Shape, on_gpu: bool, source_gguf: bo
                 "calibration activations": 2 * 4 * cfg.gptq.calib_samples * cfg.gptq.calib_seq_len * s.hidden,
                 "AWQ repack of the checkpoint": four_bit(s, gptq_bytes_per_param(cfg))
                 if checkpoint_format(cfg.gptq) == "awq" else 0}
-    if stage == "gguf":  # the tools run apart; here transformers' reference answers, then llama.cpp's server
+    if stage == "gguf":  # transformers' reference answers, then llama.cpp's server (in a process of its own)
         largest = max(GGUF_BYTES[t] for t in cfg.gguf.types) * s.params
         server = int(largest + cfg.gguf.context * max(cfg.gguf.concurrency) * s.kv_bytes_per_token)
         g = cfg.gguf
         asks_merged = g.task_examples or g.perplexity or imatrix_used(g)
         reference = sixteen_bit(s, width) + sum(loading(sixteen_bit(s), on_gpu).values()) if asks_merged else 0
-        if imatrix_used(g):  # a batch of calibration windows' logits
-            reference += logits(IMATRIX_BATCH * g.imatrix_seq_len, s)
         # a file's weights read tensor by tensor into the compute dtype, then a model loaded from them
         read = int(largest + (4 + width) * s.params) if cfg.gguf.perplexity else 0
         return {"merged in transformers, a GGUF file in llama.cpp (and its KV cache) or read by transformers":

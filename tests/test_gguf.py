@@ -124,6 +124,7 @@ def test_gguf_files_answer_in_llama_cpp_like_transformers(gguf_run):
     # Each file served by a llama.cpp server of its own, its log in tools.log, not on the console
     assert (made / "tools.log").read_text().count("init: model loaded") == 2
     for r in (f16, q8):
+        assert r["server_peak_rss_bytes"] > r["bytes"]  # the server's own process, the file's weights in it
         assert [level["concurrency"] for level in r["load"]] == [1, 2] and all(
             level["output_tok_s"] > 0 for level in r["load"]), r["load"]
     tokenizer = load_tokenizer(out / "default" / "merge")

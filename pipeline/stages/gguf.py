@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .. import compute
+from .. import compute, memory
 from ..artifacts import dir_bytes
 from ..checkpoints import GGUFFile, gguf_names, gguf_tensors
 from ..config import GGUF_FLOAT_TYPES, IMATRIX_BATCH, Config, imatrix_used
@@ -185,7 +185,7 @@ sys.stdin.read()  # until the stage closes its end of the pipe, or dies
 
 @contextlib.contextmanager
 def llama_server(cfg: Config, path: Path, log_path: Path):
-    """llama.cpp's server on the file at `path`, its URL inside the block; stopped when the block ends."""
+    """llama.cpp's server on the file at `path`, its URL and process inside the block; stopped when the block ends."""
     parallel = max(cfg.gguf.concurrency)
     # each of the server's slots gets n_ctx / n_parallel
     command = [sys.executable, "-c", SERVER, str(path), str(parallel), str(cfg.gguf.context * parallel), str(threads())]
@@ -197,7 +197,7 @@ def llama_server(cfg: Config, path: Path, log_path: Path):
         if not url:
             raise RuntimeError(f"llama.cpp's server did not start on {path.name} (exit {server.wait()}): "
                                f"{last_line(log_path)}")
-        yield url
+        yield url, server
     finally:
         server.stdin.close()
         try:
@@ -207,14 +207,15 @@ def llama_server(cfg: Config, path: Path, log_path: Path):
             server.wait()
 
 
-def served(cfg: Config, path: Path, prompts: list[list[dict]], log_path: Path) -> tuple[list[str], list[dict]]:
-    """The file in llama.cpp's server: its greedy answers to `prompts`, then the load at each gguf.concurrency."""
+def served(cfg: Config, path: Path, prompts: list[list[dict]], log_path: Path) -> tuple[list[str], list[dict], int]:
+    """The file in llama.cpp's server: its greedy answers to `prompts`, the load at each gguf.concurrency, and the
+    server's peak resident memory (the stage's measured peak counts this process alone)."""
     g = cfg.gguf
-    with llama_server(cfg, path, log_path) as url:
+    with llama_server(cfg, path, log_path) as (url, server):
         with ThreadPoolExecutor(max(g.concurrency)) as pool:
             answers = [r["text"].strip() for r in pool.map(lambda m: chat(url, m, g.max_new_tokens), prompts)]
         levels = [load(url, prompts, level, max(g.requests, level), g.load_max_tokens) for level in g.concurrency]
-    return answers, levels
+        return answers, levels, memory.process_tree_peak(server.pid)
 
 
 def gguf_tensor_names(model, path: Path) -> dict[str, str]:
@@ -249,7 +250,7 @@ def importance_matrix(model, windows: list[list[int]], names: dict[str, str]) ->
         total, count = sums.get(name, (0, 0))
         sums[name] = [total + x.square().sum(0), count + x.shape[0]]
     modules = dict(model.named_modules())
-    head = next(name for name, module in modules.items() if module is model.get_output_embeddings())
+    head = next((name for name, module in modules.items() if module is model.get_output_embeddings()), None)
     hooks = [modules[module].register_forward_pre_hook(lambda _, args, name=name: collect(name, args[0]))
              for module, name in names.items() if module != head]
     # The decoder alone: the LM head's input is the decoder's output, collected here where the file has the head's
@@ -380,18 +381,20 @@ def run(cfg: Config, work: Path, inputs: dict[str, Path]) -> dict:
                           "seq_len": g.imatrix_seq_len, "source": g.imatrix_source} if entries else None}
     ppl = perplexities(cfg, files, merged, windows)
     for t, path in files.items():
-        answers, levels = served(cfg, path, prompts, tools_log)
+        answers, levels, server_peak = served(cfg, path, prompts, tools_log)
         answers = answers[:len(chats)]
         report["types"][t] = {
             "file": path.name, "bytes": path.stat().st_size, "ppl": ppl[t],
             "task_accuracy": answer_scores(answers, truth)["accuracy"],
             "agreement_with_transformers": answer_scores(answers, expected)["accuracy"], "load": levels,
+            "server_peak_rss_bytes": server_peak,
             "answers": [{"served": a, "transformers": b, "expected": e} for a, b, e in zip(answers, expected, truth)]}
         single = levels[0]
         log.info("gguf: %s, %.1f MB: perplexity %s (merged %s), task accuracy %s, agrees with transformers on %s; "
-                 "%.1f output tok/s at concurrency %d", t, path.stat().st_size / 1e6, report["types"][t]["ppl"],
-                 merged_ppl, report["types"][t]["task_accuracy"],
-                 report["types"][t]["agreement_with_transformers"], single["output_tok_s"], single["concurrency"])
+                 "%.1f output tok/s at concurrency %d; the server's peak memory %.2f GiB", t, path.stat().st_size / 1e6,
+                 report["types"][t]["ppl"], merged_ppl, report["types"][t]["task_accuracy"],
+                 report["types"][t]["agreement_with_transformers"], single["output_tok_s"], single["concurrency"],
+                 server_peak / 2**30)
     (work / "gguf.json").write_text(json.dumps(report, indent=1))
     return {"disk_bytes": dir_bytes(work), "merged_ppl": merged_ppl,
             **{t: {k: r[k] for k in ("bytes", "ppl", "task_accuracy", "agreement_with_transformers")}
