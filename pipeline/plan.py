@@ -177,7 +177,8 @@ def stage_terms(stage: str, cfg: Config, s: Shape, on_gpu: bool, source_gguf: bo
     if stage == "base":  # streamed: one tensor at a time (measured flat from 0.28B to 0.81B: 0.80 GiB)
         if source_gguf:  # the GGUF's dequantized float32, the processors' copy of it, and its 16-bit cast
             return {"largest tensor, dequantized and cast": 10 * s.largest}
-        return {"largest tensor, read and quantized": int(2.5 * s.largest)}
+        # on a GPU, its allocator's peak: 9 bytes a parameter of the largest tensor (an H200: 0.10 GiB for 11.5M)
+        return {"largest tensor, read and quantized": int((9 if on_gpu else 2.5) * s.largest)}
     if stage == "train":
         return train_terms(cfg, s, on_gpu, width, launch)
     if stage == "merge":  # streamed: a layer (or the embedding) at a time, in fp32, plus what peft's layers hold

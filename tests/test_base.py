@@ -11,15 +11,18 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from pipeline.checkpoints import INDEX, Checkpoint
-from pipeline.models import bnb_config
+from pipeline.models import bnb_config, device
 from pipeline.stages import base
 
 from .conftest import ARCHITECTURES, build_tiny_model, compose_config
 
 
 def whole_model_nf4(source: Path | str, cfg, out: Path) -> Path:
-    """What the base stage wrote before it streamed: the whole model loaded by transformers in 4 bits, then saved."""
-    model = AutoModelForCausalLM.from_pretrained(str(source), dtype=getattr(torch, cfg.model.dtype), device_map="cpu",
+    """What the base stage wrote before it streamed: the whole model loaded by transformers in 4 bits, then saved.
+    Quantized where the stage quantizes, on the GPU when there is one: bitsandbytes' CUDA and CPU kernels round a
+    few double-quantized absmax bytes differently (seen on an H200)."""
+    model = AutoModelForCausalLM.from_pretrained(str(source), dtype=getattr(torch, cfg.model.dtype),
+                                                 device_map={"": device()},
                                                  quantization_config=bnb_config(cfg.base, cfg.model.dtype))
     model.save_pretrained(out)
     return out
