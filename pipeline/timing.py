@@ -170,8 +170,8 @@ EVAL_ARTIFACT_S = 0.3  # eval's set-up of each artifact besides loading it (lm-e
 
 def weights_s(work: str, where: str) -> float:
     """Seconds per parameter of a stage's weight work (WEIGHTS_S_PER_PARAM), on a GPU machine where measured there."""
-    return WEIGHTS_S_PER_PARAM_GPU_HOST.get(work, WEIGHTS_S_PER_PARAM[work]) if where == "cuda" else \
-        WEIGHTS_S_PER_PARAM[work]
+    measured = WEIGHTS_S_PER_PARAM_GPU_HOST if where == "cuda" else {}
+    return measured.get(work, WEIGHTS_S_PER_PARAM[work])
 
 
 def stage_terms(stage: str, cfg: Config, s, rates: Rates, typical: Chats, source_gguf: bool) -> dict[str, float]:
